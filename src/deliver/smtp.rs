@@ -1,0 +1,88 @@
+//! SMTP to a relay with lettre: the URL syntax, STARTTLS or implicit TLS verified against the system's
+//! roots, AUTH, and one pooled connection reused for a whole backlog.
+
+use std::time::Duration;
+
+use lettre::Transport as _;
+use lettre::address::Envelope;
+use lettre::transport::smtp::authentication::Credentials;
+use lettre::transport::smtp::{Error, PoolConfig, SmtpTransport};
+
+use super::{DeliveryError, Failure, Transport};
+use crate::config::Config;
+
+pub struct Smtp {
+    transport: SmtpTransport,
+}
+
+impl Smtp {
+    pub fn new(config: &Config) -> anyhow::Result<Smtp> {
+        let t = &config.transport;
+        let url = t.url.as_deref().unwrap_or_default();
+        let mut builder = SmtpTransport::from_url(url)?
+            .timeout(Some(t.timeout.0))
+            // One connection, kept while the backlog lasts: jobs are sent one after the other.
+            .pool_config(
+                PoolConfig::new()
+                    .max_size(1)
+                    .idle_timeout(Duration::from_secs(30)),
+            );
+        if let Some(password) = config.smtp_password()? {
+            let user = t.user.clone().unwrap_or_default();
+            builder = builder.credentials(Credentials::new(user, password));
+        }
+        Ok(Smtp {
+            transport: builder.build(),
+        })
+    }
+}
+
+impl Transport for Smtp {
+    fn send(&mut self, envelope: &Envelope, message: &[u8]) -> Result<String, DeliveryError> {
+        let response = self
+            .transport
+            .send_raw(envelope, message)
+            .map_err(classify)?;
+        let text: Vec<&str> = response.message().collect();
+        Ok(format!("{} {}", response.code(), text.join(" ")))
+    }
+
+    fn probe(&mut self) -> Result<String, DeliveryError> {
+        match self.transport.test_connection() {
+            Ok(true) => Ok("connected, TLS and login (if configured) accepted".into()),
+            Ok(false) => Err(DeliveryError {
+                failure: Failure::Unavailable,
+                message: "the server did not answer NOOP".into(),
+            }),
+            Err(e) => Err(classify(e)),
+        }
+    }
+}
+
+/// Sorts lettre's error: a reply code decides by its class; no reply means the server was not reached.
+fn classify(e: Error) -> DeliveryError {
+    let failure = if e.is_permanent() {
+        Failure::Permanent
+    } else if e.is_transient() {
+        Failure::Temporary
+    } else {
+        Failure::Unavailable
+    };
+    let mut message = crate::spool::one_line(&error_chain(&e));
+    if e.status().is_some_and(|c| c.to_string().starts_with("535")) {
+        message =
+            format!("authentication failed, check transport.user and the password: {message}");
+    }
+    DeliveryError { failure, message }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}

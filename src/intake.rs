@@ -1,0 +1,323 @@
+//! Intake: looking at the drop. Decides for each manifest whether its job is complete (and then hands
+//! over the exact bytes that were checked), must wait for an upload still in flight, or fails. Every
+//! uploaded byte is hostile: files are opened without following symlinks or blocking on FIFOs, checked
+//! to be regular, single-linked files on the opened descriptor, and read no further than the limits.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File, Metadata};
+use std::io::{self, Read};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use sha2::{Digest, Sha256};
+
+use crate::config::Config;
+use crate::manifest::{self, Manifest, ManifestError, Rules};
+use crate::spool;
+
+/// A complete job, as read from the drop.
+pub struct Upload {
+    pub manifest_file: OsString,
+    pub manifest: Manifest,
+    pub manifest_sha256: [u8; 32],
+    pub documents: Vec<Document>,
+}
+
+/// One document's bytes, read once: what was checked is what gets sent.
+pub struct Document {
+    pub bytes: Vec<u8>,
+    /// The inode that was read, to notice a swap between the check and the claim.
+    pub ino: u64,
+}
+
+pub enum Verdict {
+    Ready(Box<Upload>),
+    /// Not complete yet; look again at `until` at the latest, then fail it.
+    Wait {
+        until: SystemTime,
+        why: String,
+    },
+    /// Fail now. `name` names the job in `failed/`; `documents` are the files to take along.
+    Fail {
+        name: String,
+        documents: Vec<String>,
+        reason: String,
+    },
+    /// The manifest disappeared meanwhile (the uploader renamed or deleted it).
+    Gone,
+}
+
+/// Why an uploaded file cannot be used (yet).
+#[derive(Debug)]
+pub enum Problem {
+    /// Might still be uploading: wait for settle.
+    Incomplete(String),
+    /// Will never become valid.
+    Bad(String),
+    Missing,
+}
+
+/// Examines one manifest in the drop and everything it names.
+pub fn examine(
+    incoming: &Path,
+    manifest_file: &OsStr,
+    config: &Config,
+    now: SystemTime,
+) -> Verdict {
+    let shown = manifest_file.to_string_lossy();
+    let fallback_name = spool::name_from_file(manifest_file);
+    let settle = config.intake.settle.0;
+    let (bytes, meta) = match read_upload(
+        &incoming.join(manifest_file),
+        config.limits.max_manifest_size.0,
+    ) {
+        Ok(r) => r,
+        Err(Problem::Missing) => return Verdict::Gone,
+        Err(Problem::Bad(why)) => {
+            return Verdict::Fail {
+                name: fallback_name,
+                documents: vec![],
+                reason: format!("manifest {shown} {why}"),
+            };
+        }
+        Err(Problem::Incomplete(why)) => unreachable!("manifests are read whole: {why}"),
+    };
+    let modified = meta.modified().unwrap_or(now);
+    let rules = Rules {
+        max_recipients: config.limits.max_recipients,
+        max_attachments: config.limits.max_attachments,
+    };
+    let manifest = match manifest::parse(&bytes, rules) {
+        Ok(m) => m,
+        Err(ManifestError::Malformed(why)) if modified + settle > now => {
+            return Verdict::Wait {
+                until: modified + settle,
+                why: format!("manifest {shown}: {why}"),
+            };
+        }
+        Err(e) => {
+            let waited = matches!(e, ManifestError::Malformed(_));
+            return Verdict::Fail {
+                name: fallback_name,
+                documents: named_files(&bytes),
+                reason: format!(
+                    "manifest {shown}: {e}{}",
+                    if waited {
+                        format!(
+                            " (still so {} after its last change)",
+                            humantime::format_duration(settle)
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
+            };
+        }
+    };
+    let manifest_sha256: [u8; 32] = Sha256::digest(&bytes).into();
+    let files: Vec<String> = manifest
+        .attachments
+        .iter()
+        .map(|a| a.file.clone())
+        .collect();
+    let fail = |reason: String| Verdict::Fail {
+        name: manifest.id.clone(),
+        documents: files.clone(),
+        reason,
+    };
+
+    let mut documents = Vec::with_capacity(files.len());
+    let mut latest = modified;
+    let mut waiting = Vec::new();
+    for spec in &manifest.attachments {
+        let path = incoming.join(&spec.file);
+        let doc = format!("document {}", spec.file);
+        let checked =
+            read_upload(&path, config.limits.max_attachment_size.0).and_then(|(bytes, meta)| {
+                latest = latest.max(meta.modified().unwrap_or(now));
+                verify(&bytes, spec).map(|()| Document {
+                    bytes,
+                    ino: meta.ino(),
+                })
+            });
+        match checked {
+            Ok(d) => documents.push(d),
+            Err(Problem::Bad(why)) => return fail(format!("{doc} {why}")),
+            Err(Problem::Incomplete(why)) => waiting.push(format!("{doc} {why}")),
+            Err(Problem::Missing) => waiting.push(format!("{doc} is missing from the drop")),
+        }
+    }
+    if !waiting.is_empty() {
+        let why = waiting.join("; ");
+        if latest + settle > now {
+            return Verdict::Wait {
+                until: latest + settle,
+                why,
+            };
+        }
+        return fail(format!(
+            "{why} (still so {} after the last upload)",
+            humantime::format_duration(settle)
+        ));
+    }
+    Verdict::Ready(Box::new(Upload {
+        manifest_file: manifest_file.to_os_string(),
+        manifest,
+        manifest_sha256,
+        documents,
+    }))
+}
+
+/// Checks a document's bytes against what the manifest declares.
+pub fn verify(bytes: &[u8], spec: &manifest::AttachmentSpec) -> Result<(), Problem> {
+    if bytes.is_empty() {
+        return Err(Problem::Incomplete("is empty (0 bytes)".into()));
+    }
+    if let Some(size) = spec.size {
+        if bytes.len() as u64 != size {
+            return Err(Problem::Incomplete(format!(
+                "has {} bytes, the manifest's size says {size}",
+                bytes.len()
+            )));
+        }
+    }
+    if let Some(want) = spec.sha256 {
+        let got: [u8; 32] = Sha256::digest(bytes).into();
+        if got != want {
+            return Err(Problem::Incomplete(format!(
+                "does not match the manifest's sha256 (file has {}, manifest says {})",
+                manifest::hex(&got),
+                manifest::hex(&want)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Reads an uploaded file whole, refusing anything but a regular file with one link, and never more
+/// than `limit` bytes. The type is checked before opening (so a device is never opened) and again on
+/// the descriptor (so a swap in between is noticed).
+pub fn read_upload(path: &Path, limit: u64) -> Result<(Vec<u8>, Metadata), Problem> {
+    let before = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Problem::Missing),
+        Err(e) => return Err(Problem::Bad(format!("cannot be examined: {e}"))),
+    };
+    check_kind(&before, limit)?;
+    let file = spool::open_nofollow(path).map_err(|e| match e.kind() {
+        io::ErrorKind::NotFound => Problem::Missing,
+        _ if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+            Problem::Bad("is a symbolic link; only regular files are accepted".into())
+        }
+        _ => Problem::Bad(format!("cannot be opened: {e}")),
+    })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| Problem::Bad(format!("cannot be examined: {e}")))?;
+    check_kind(&meta, limit)?;
+    if meta.ino() != before.ino() || meta.dev() != before.dev() {
+        return Err(Problem::Incomplete("was replaced while being read".into()));
+    }
+    let bytes =
+        read_at_most(file, limit).map_err(|e| Problem::Bad(format!("cannot be read: {e}")))?;
+    if bytes.len() as u64 > limit {
+        return Err(too_big(limit));
+    }
+    Ok((bytes, meta))
+}
+
+fn too_big(limit: u64) -> Problem {
+    Problem::Bad(format!(
+        "is larger than the limit of {limit} bytes (limits.max_attachment_size / limits.max_manifest_size)"
+    ))
+}
+
+fn check_kind(meta: &Metadata, limit: u64) -> Result<(), Problem> {
+    let t = meta.file_type();
+    let kind = if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_block_device() || t.is_char_device() {
+        "a device node"
+    } else {
+        ""
+    };
+    if !kind.is_empty() {
+        return Err(Problem::Bad(format!(
+            "is {kind}; only regular files are accepted"
+        )));
+    }
+    if meta.nlink() > 1 {
+        return Err(Problem::Bad(format!(
+            "has {} hard links; only files with a single link are accepted (a hard link could expose a file outside the drop)",
+            meta.nlink()
+        )));
+    }
+    if meta.len() > limit {
+        return Err(too_big(limit));
+    }
+    Ok(())
+}
+
+fn read_at_most(file: File, limit: u64) -> io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    file.take(limit + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// The documents an invalid manifest names, so that they fail with it instead of lingering as orphans.
+/// Only plain names are returned; nothing here is trusted beyond that.
+fn named_files(bytes: &[u8]) -> Vec<String> {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return vec![];
+    };
+    let options = roxmltree::ParsingOptions {
+        allow_dtd: false,
+        nodes_limit: 100_000,
+        ..Default::default()
+    };
+    let Ok(doc) = roxmltree::Document::parse_with_options(text, options) else {
+        return vec![];
+    };
+    let mut files: Vec<String> = doc
+        .descendants()
+        .filter(|n| n.has_tag_name((manifest::NAMESPACE, "attachment")))
+        .filter_map(|n| n.attribute("file"))
+        .filter(|f| manifest::bad_file_name(f).is_none())
+        .map(str::to_string)
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
+/// Documents in the drop that no manifest names and that have not changed for `orphan_after`.
+pub fn orphans(
+    incoming: &Path,
+    orphan_after: Duration,
+    now: SystemTime,
+) -> io::Result<Vec<OsString>> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir(incoming)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if spool::is_ignored(&name) || spool::is_manifest_name(&name) {
+            continue;
+        }
+        let meta = entry.metadata()?;
+        let changed = meta
+            .modified()
+            .unwrap_or(now)
+            .max(SystemTime::UNIX_EPOCH + Duration::from_secs(meta.ctime().max(0) as u64));
+        if changed + orphan_after <= now {
+            found.push(name);
+        }
+    }
+    Ok(found)
+}
