@@ -45,6 +45,55 @@ pub enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// List jobs in active/, deferred/ and failed/ with age and reason.
+    Queue {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Make failed or deferred jobs due now; the next run delivers them.
+    Retry {
+        /// Job names as `docmail queue` shows them.
+        #[arg(required_unless_present = "all_failed")]
+        ids: Vec<String>,
+        /// Retry every job in failed/.
+        #[arg(long)]
+        all_failed: bool,
+        /// Deliver even if a job with the same id was sent before.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Discard failed or deferred jobs.
+    Remove {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Enqueue documents as a job, atomically (documents first, manifest last).
+    Submit {
+        /// A recipient; repeat for more.
+        #[arg(long, required = true, value_name = "ADDR")]
+        to: Vec<String>,
+        /// A template variable; repeat for more.
+        #[arg(long = "var", value_name = "K=V")]
+        vars: Vec<String>,
+        /// The template (default: templates.default).
+        #[arg(long, value_name = "T")]
+        template: Option<String>,
+        /// The job id (default: generated).
+        #[arg(long, value_name = "ID")]
+        id: Option<String>,
+        /// The documents to attach.
+        #[arg(required = true, value_name = "FILE")]
+        files: Vec<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Print the man page or shell completions (for packaging).
     #[command(hide = true)]
     Generate {

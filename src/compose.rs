@@ -207,11 +207,7 @@ impl Composer {
     }
 }
 
-/// minijinja's error with its source line, on one line.
+/// minijinja's error (which names the template and line) on one line.
 fn describe(e: &minijinja::Error) -> String {
-    let mut s = e.to_string();
-    if let Some(line) = e.line() {
-        s.push_str(&format!(" (line {line})"));
-    }
-    s
+    crate::spool::one_line(&e.to_string())
 }

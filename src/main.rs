@@ -11,10 +11,12 @@ mod deliver;
 mod error;
 mod intake;
 mod manifest;
+mod queue;
 mod render;
 mod report;
 mod run;
 mod spool;
+mod submit;
 
 use std::process::ExitCode;
 
@@ -55,6 +57,31 @@ fn dispatch(command: Command) -> anyhow::Result<()> {
             output,
             config,
         } => render::render(&load(&config.config)?, &manifest, output.as_deref()),
+        Command::Queue { json, config } => queue::queue(&load(&config.config)?, json),
+        Command::Retry {
+            ids,
+            all_failed,
+            force,
+            config,
+        } => queue::retry(&load(&config.config)?, &ids, all_failed, force),
+        Command::Remove { ids, config } => queue::remove(&load(&config.config)?, &ids),
+        Command::Submit {
+            to,
+            vars,
+            template,
+            id,
+            files,
+            config,
+        } => {
+            let submission = submit::Submission {
+                to: &to,
+                vars: &vars,
+                template: template.as_deref(),
+                id: id.as_deref(),
+                files: &files,
+            };
+            submit::submit(&load(&config.config)?, &submission)
+        }
         Command::Generate { what } => generate(&what),
     }
 }

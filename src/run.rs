@@ -531,8 +531,11 @@ impl Run<'_> {
     }
 }
 
+/// A job read back from its directory: the manifest, its digest, the documents.
+type Loaded = (Manifest, [u8; 32], Vec<Vec<u8>>);
+
 /// Reads a job directory back: the manifest and the documents, checked as strictly as in the drop.
-fn load(dir: &Path, config: &Config) -> Result<(Manifest, [u8; 32], Vec<Vec<u8>>), String> {
+fn load(dir: &Path, config: &Config) -> Result<Loaded, String> {
     use sha2::Digest;
     let problem = |what: &str, p: intake::Problem| match p {
         intake::Problem::Bad(why) | intake::Problem::Incomplete(why) => format!("{what} {why}"),

@@ -120,18 +120,6 @@ impl Spool {
         }
     }
 
-    /// Waits for the run lock (for commands that change the spool while a run may be going on).
-    pub fn lock(&mut self) -> anyhow::Result<()> {
-        let dir = self.dir(Place::Active);
-        let file = File::open(&dir)
-            .with_context(|| format!("opening {} for the run lock", dir.display()))?;
-        rustix::fs::flock(&file, FlockOperation::LockExclusive)
-            .map_err(io::Error::from)
-            .with_context(|| format!("locking {}", dir.display()))?;
-        self.lock = Some(file);
-        Ok(())
-    }
-
     fn touch(&self, place: Place) {
         self.dirty.set(self.dirty.get() | place.bit());
     }

@@ -41,7 +41,7 @@ impl Sendmail {
         let mut cmd = Command::new(&self.program);
         cmd.arg("-i");
         if let Some(from) = envelope.from() {
-            cmd.arg("-f").arg(from.to_string());
+            cmd.arg("-f").arg(from);
         }
         cmd.arg("--")
             .args(envelope.to().iter().map(ToString::to_string));
