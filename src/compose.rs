@@ -138,11 +138,19 @@ impl Composer {
         if let Some(r) = manifest.reply_to.as_ref().or(self.reply_to.as_ref()) {
             builder = builder.reply_to(r.clone());
         }
+        // Boundaries derived from the job (and starting with "=_", which neither base64 nor
+        // quoted-printable can produce) make the message reproducible: `render` shows exactly what `run` sends.
+        let boundary =
+            |part: &str| format!("=_docmail_{}_{part}", &manifest::hex(manifest_sha256)[..24]);
+        let mixed = MultiPart::mixed().boundary(boundary("mixed"));
         let mut mixed = match html {
-            Some(html) => {
-                MultiPart::mixed().multipart(MultiPart::alternative_plain_html(text, html))
-            }
-            None => MultiPart::mixed().singlepart(SinglePart::plain(text)),
+            Some(html) => mixed.multipart(
+                MultiPart::alternative()
+                    .boundary(boundary("alt"))
+                    .singlepart(SinglePart::plain(text))
+                    .singlepart(SinglePart::html(html)),
+            ),
+            None => mixed.singlepart(SinglePart::plain(text)),
         };
         for (spec, bytes) in manifest.attachments.iter().zip(documents) {
             mixed = mixed.singlepart(
@@ -152,9 +160,14 @@ impl Composer {
         let message = builder
             .multipart(mixed)
             .map_err(|e| ComposeError(format!("cannot build the message: {e}")))?;
+        let mut bytes = message.formatted();
+        // A message ends with a line break; SMTP would add it, a Maildir file or sendmail's stdin would not.
+        if !bytes.ends_with(b"\r\n") {
+            bytes.extend_from_slice(b"\r\n");
+        }
         Ok(Composed {
             envelope: message.envelope().clone(),
-            bytes: message.formatted(),
+            bytes,
             message_id,
         })
     }

@@ -39,6 +39,8 @@ impl Smtp {
 
 impl Transport for Smtp {
     fn send(&mut self, envelope: &Envelope, message: &[u8]) -> Result<String, DeliveryError> {
+        // lettre ends DATA with CRLF.CRLF, which supplies the message's last line break itself.
+        let message = message.strip_suffix(b"\r\n").unwrap_or(message);
         let response = self
             .transport
             .send_raw(envelope, message)
