@@ -134,42 +134,39 @@ fn server_down_defers_then_sends_when_due() {
 }
 
 #[test]
-fn backoff_doubles_and_a_due_retry_is_sent() {
+fn backoff_doubles_up_to_max_and_a_due_retry_is_sent() {
     let port = free_port();
     let mut site = Site::smtp(&format!("smtp://127.0.0.1:{port}"));
-    site.cfg.retry_first = "1s".into();
-    site.cfg.retry_max = "1h".into();
+    site.cfg.retry_first = "10s".into();
+    site.cfg.retry_max = "30s".into();
     site.write_config();
     let id = "BACKOFF-1";
     Job::invoice(id).drop_into(&site);
 
-    let out = site.run_ok();
-    let s1 = site.deferred_state(id);
-    assert_eq!(
-        state_value(&s1, "attempts").as_deref(),
-        Some("1"),
-        "first attempt; stderr:\n{}",
-        out.stderr
-    );
-
-    thread::sleep(Duration::from_millis(1300));
-    let t2 = now_unix() as i64;
-    let out = site.run_ok();
-    let s2 = site.deferred_state(id);
-    assert_eq!(
-        state_value(&s2, "attempts").as_deref(),
-        Some("2"),
-        "the due retry was attempted again while the server is still down; stderr:\n{}",
-        out.stderr
-    );
-    let next = parse_rfc3339_utc(&state_value(&s2, "next_attempt").expect("next_attempt"))
-        .expect("next_attempt RFC 3339");
-    assert!(
-        next > t2 && next <= t2 + 5,
-        "second delay must be 2 s (doubling from retry.first = 1s): next_attempt {} vs attempt at {}",
-        format_rfc3339_utc(next),
-        format_rfc3339_utc(t2)
-    );
+    // Attempts 1, 2, 3 with the server down; each made due by rewriting next_attempt.
+    // Expected pauses: 10 s, 20 s (doubled), 30 s (40 s capped by retry.max).
+    for (attempt, pause) in [(1, 10), (2, 20), (3, 30)] {
+        if attempt > 1 {
+            make_due(&site, id);
+        }
+        let t = now_unix();
+        let out = site.run_ok();
+        let state = site.deferred_state(id);
+        assert_eq!(
+            state_value(&state, "attempts"),
+            Some(attempt.to_string()),
+            "attempt {attempt} while the server is down; stderr:\n{}",
+            out.stderr
+        );
+        let next = state_value(&state, "next_attempt").expect("next_attempt");
+        let next_t = parse_rfc3339_utc(&next).expect("next_attempt RFC 3339") as f64;
+        let delay = next_t - t;
+        assert!(
+            delay > pause as f64 - 2.0 && delay < pause as f64 + 2.0,
+            "after attempt {attempt} the pause must be {pause} s (doubling from retry.first = 10s, \
+             capped at retry.max = 30s); next_attempt {next} is {delay:.1} s after the attempt"
+        );
+    }
 
     let peer = SmtpPeer::start(
         &site.root.join("peer"),
@@ -178,7 +175,38 @@ fn backoff_doubles_and_a_due_retry_is_sent() {
             ..PeerOpts::default()
         },
     );
-    // Wait until next_attempt has passed (second resolution), then run.
+    make_due(&site, id);
+    let out = site.run_ok();
+    assert_eq!(
+        peer.message_count(),
+        1,
+        "server up and attempt due: sent; stderr:\n{}",
+        out.stderr
+    );
+    assert_sent(&site, id);
+}
+
+#[test]
+fn retry_first_elapses_by_itself() {
+    // No rewriting: retry.first = 1s, wait it out, and the next run delivers.
+    let port = free_port();
+    let mut site = Site::smtp(&format!("smtp://127.0.0.1:{port}"));
+    site.cfg.retry_first = "1s".into();
+    site.write_config();
+    let id = "WAIT-1";
+    Job::invoice(id).drop_into(&site);
+    site.run_ok();
+    let next = parse_rfc3339_utc(
+        &state_value(&site.deferred_state(id), "next_attempt").expect("next_attempt"),
+    )
+    .expect("RFC 3339");
+    let peer = SmtpPeer::start(
+        &site.root.join("peer"),
+        &PeerOpts {
+            port,
+            ..PeerOpts::default()
+        },
+    );
     while (now_unix() as i64) <= next {
         thread::sleep(Duration::from_millis(100));
     }
@@ -186,7 +214,7 @@ fn backoff_doubles_and_a_due_retry_is_sent() {
     assert_eq!(
         peer.message_count(),
         1,
-        "server up and attempt due: sent; stderr:\n{}",
+        "the retry is due after retry.first: sent; stderr:\n{}",
         out.stderr
     );
     assert_sent(&site, id);
@@ -273,4 +301,56 @@ fn rcpt_451_defers() {
         "next_attempt= in state"
     );
     assert_eq!(peer.message_count(), 0);
+}
+
+#[test]
+fn a_job_deferred_longer_than_give_up_after_fails() {
+    // Default retry.give_up_after (5 days): the job's first attempt is made to lie 6 days back.
+    let port = free_port();
+    let site = Site::smtp(&format!("smtp://127.0.0.1:{port}"));
+    let id = "GIVEUP-1";
+    Job::invoice(id).drop_into(&site);
+    site.run_ok();
+    assert!(
+        site.dir("deferred").join(id).is_dir(),
+        "first: deferred; spool: {}",
+        site.describe()
+    );
+    let p = site.dir("deferred").join(id).join("state");
+    let text = fs::read_to_string(&p).unwrap();
+    assert!(
+        text.lines().any(|l| l.starts_with("first_attempt=")),
+        "state records first_attempt=:\n{text}"
+    );
+    let six_days_ago = format_rfc3339_utc(now_unix() as i64 - 6 * 86400);
+    let text: String = text
+        .lines()
+        .map(|l| {
+            if l.starts_with("first_attempt=") {
+                format!("first_attempt={six_days_ago}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    fs::write(&p, text).unwrap();
+    make_due(&site, id);
+
+    let out = site.run_ok();
+    assert!(
+        site.dir("failed").join(id).is_dir(),
+        "still failing after retry.give_up_after (5d): the job fails; spool: {}\nstderr:\n{}",
+        site.describe(),
+        out.stderr
+    );
+    assert!(
+        !site.dir("deferred").join(id).exists(),
+        "and is no longer deferred"
+    );
+    let reason = site.failed_reason(id);
+    assert!(
+        reason.to_lowercase().contains("connection refused")
+            || reason.to_lowercase().contains("refused"),
+        "the reason keeps the last error: {reason:?}"
+    );
 }
