@@ -235,3 +235,93 @@ fn render_equals_what_arrives_at_the_server() {
     let p = MessageParser::default().parse(&rendered).expect("parse");
     assert!(p.date().is_some(), "the rendered message has a Date header");
 }
+
+#[test]
+fn usage_errors_exit_64() {
+    let site = Site::new();
+    for args in [
+        vec!["frobnicate"],
+        vec!["run", "--no-such-option"],
+        vec!["render"],
+    ] {
+        let out = site.docmail(&args);
+        assert_eq!(
+            out.code,
+            64,
+            "`docmail {}` is a usage error: exit 64 (EX_USAGE); stderr:\n{}",
+            args.join(" "),
+            out.stderr
+        );
+    }
+}
+
+#[test]
+fn render_of_an_invalid_manifest_exits_65_and_names_the_problem() {
+    let site = Site::new();
+    let mut job = Job::invoice("RBAD-1");
+    job.extra_children = "  <priority>high</priority>\n".into();
+    job.drop_into(&site);
+    let manifest = site.incoming().join("RBAD-1.xml");
+    let cfg = site.config_path.to_str().unwrap().to_owned();
+    let out = site.docmail(&["render", manifest.to_str().unwrap(), "--config", &cfg]);
+    assert_eq!(
+        out.code, 65,
+        "render of an invalid manifest: exit 65 (EX_DATAERR); stderr:\n{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("RBAD-1.xml") && out.stderr.contains("priority"),
+        "the message names the manifest and the unknown element: {}",
+        out.stderr
+    );
+    assert!(out.stdout.is_empty(), "no message on stdout");
+    assert!(manifest.exists(), "render leaves the manifest in place");
+}
+
+#[test]
+fn log_lines_carry_the_syslog_priority_under_journald() {
+    // When JOURNAL_STREAM is set each outcome line starts with <6> sent, <4> deferred, <3> failed.
+    let mut site = Site::new();
+    site.env.push(("JOURNAL_STREAM".into(), "8:424242".into()));
+    Job::invoice("PRIO-OK").drop_into(&site);
+    let mut bad = Job::invoice("PRIO-BAD");
+    bad.extra_children = "  <priority>high</priority>\n".into();
+    bad.drop_into(&site);
+    let out = site.run_ok();
+    let sent = out.job_lines("PRIO-OK");
+    assert!(
+        sent.len() == 1 && sent[0].starts_with("<6>") && sent[0].contains("status=sent"),
+        "sent line with <6>: {sent:?}"
+    );
+    let failed: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("status=failed"))
+        .collect();
+    assert!(
+        failed.len() == 1 && failed[0].starts_with("<3>"),
+        "failed line with <3>: {failed:?}"
+    );
+
+    let mut down = Site::smtp(&format!("smtp://127.0.0.1:{}", free_port()));
+    down.env.push(("JOURNAL_STREAM".into(), "8:424242".into()));
+    Job::invoice("PRIO-DEF").drop_into(&down);
+    let out = down.run_ok();
+    let deferred = out.job_lines("PRIO-DEF");
+    assert!(
+        deferred.len() == 1
+            && deferred[0].starts_with("<4>")
+            && deferred[0].contains("status=deferred"),
+        "deferred line with <4>: {deferred:?}"
+    );
+
+    // Without JOURNAL_STREAM: no prefix.
+    let plain = Site::new();
+    Job::invoice("PLAIN-1").drop_into(&plain);
+    let out = plain.run_ok();
+    let l = out.job_lines("PLAIN-1");
+    assert!(
+        l.len() == 1 && l[0].starts_with("job=PLAIN-1 "),
+        "without journald the line starts with job=: {l:?}"
+    );
+}
