@@ -176,7 +176,13 @@ impl Run<'_> {
         }
         let dir = self
             .spool
-            .adopt(&manifest_file, &files, Place::Active, &manifest.id, &[])
+            .adopt(
+                Some(&manifest_file),
+                &files,
+                Place::Active,
+                &manifest.id,
+                &[],
+            )
             .context("claiming a job")?;
         // The bytes were checked in the drop; make sure the files that moved are the ones that were read.
         for (file, doc) in files.iter().zip(&documents) {
@@ -365,7 +371,7 @@ impl Run<'_> {
         let dir = self
             .spool
             .adopt(
-                manifest_file,
+                Some(manifest_file),
                 documents,
                 Place::Failed,
                 name,
@@ -491,16 +497,9 @@ impl Run<'_> {
             return;
         };
         for file in orphans {
-            let Some(name) = file
-                .to_str()
-                .filter(|n| manifest::bad_file_name(n).is_none())
-            else {
-                // Not a name a manifest could ever use: move it under a safe name.
-                let safe = spool::name_from_file(&file);
-                self.orphan(&file, &format!("orphan-{safe}"));
-                continue;
-            };
-            self.orphan(&file, &format!("orphan-{name}"));
+            // The job is named after the file, made safe; the file keeps its own name in documents/.
+            let job = format!("orphan-{}", spool::name_from_file(&file));
+            self.orphan(&file, &job);
         }
     }
 
@@ -510,10 +509,9 @@ impl Run<'_> {
             file.to_string_lossy(),
             humantime::format_duration(self.config.intake.orphan_after.0)
         );
-        // The orphan itself takes the manifest's place in the job directory: it is what was uploaded.
         match self.spool.adopt(
-            file,
-            &[],
+            None,
+            &[file],
             Place::Failed,
             job,
             &[(spool::REASON, &failure_text(job, &reason))],
