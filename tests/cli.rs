@@ -325,3 +325,21 @@ fn log_lines_carry_the_syslog_priority_under_journald() {
         "without journald the line starts with job=: {l:?}"
     );
 }
+
+#[test]
+fn check_missing_default_template_exits_78() {
+    // A problem check finds beyond the file's syntax: templates.default has no NAME.txt in templates.dir.
+    let mut site = Site::new();
+    site.cfg.template_default = "receipt".into();
+    site.write_config();
+    let out = site.check();
+    let text = out.all_output();
+    assert!(
+        text.contains("templates.default") && text.contains("receipt"),
+        "the problem names the key and the template: {text}"
+    );
+    assert_eq!(
+        out.code, 78,
+        "every problem check reports is a configuration error: exit 78; output:\n{text}"
+    );
+}

@@ -352,3 +352,94 @@ fn second_run_while_one_is_active_exits_0_and_takes_nothing() {
     assert_sent(&site, "LOCK-1");
     assert_sent(&site, "LOCK-2");
 }
+
+#[test]
+fn empty_drop_with_linger_0_exits_at_once() {
+    let site = Site::new();
+    let out = site.run_ok();
+    assert!(
+        out.elapsed < Duration::from_millis(1500),
+        "an empty drop with linger = 0s: the run exits at once ({:?})",
+        out.elapsed
+    );
+}
+
+#[test]
+fn linger_delivers_a_job_that_arrives_after_the_drop_was_empty() {
+    let mut site = Site::new();
+    site.cfg.linger = "3s".into();
+    site.write_config();
+    let run = site.spawn_run();
+    thread::sleep(Duration::from_millis(800));
+    Job::invoice("LATE-1").drop_into(&site);
+    let out = run.wait();
+    assert_eq!(out.code, 0, "exit 0; stderr:\n{}", out.stderr);
+    assert_eq!(
+        site.outbox_messages().len(),
+        1,
+        "a job arriving while the run lingers is delivered by it; stderr:\n{}",
+        out.stderr
+    );
+    assert_sent(&site, "LATE-1");
+    assert!(
+        out.elapsed < Duration::from_secs(9),
+        "the run exits about linger after the drop went quiet: {:?}",
+        out.elapsed
+    );
+}
+
+#[test]
+fn orphan_documents_go_to_failed_after_orphan_after() {
+    let mut site = Site::new();
+    site.cfg.orphan_after = Some("1s".into());
+    site.write_config();
+    fs::write(site.incoming().join("stray.pdf"), pdf_bytes(3, 700)).unwrap();
+    thread::sleep(Duration::from_millis(1300));
+    let out = site.run_ok();
+    assert!(
+        !site.incoming().join("stray.pdf").exists(),
+        "a document no manifest names is moved out after orphan_after; stderr:\n{}",
+        out.stderr
+    );
+    let failed = site.entries("failed");
+    assert_eq!(
+        failed.len(),
+        1,
+        "the orphan lands in failed/: {}",
+        site.describe()
+    );
+    let reason = site.failed_reason(&failed[0]);
+    assert!(
+        reason.contains("stray.pdf"),
+        "the reason names the file: {reason:?}"
+    );
+}
+
+#[test]
+fn a_symlinked_manifest_is_not_followed() {
+    let site = Site::new();
+    let job = Job::invoice("LINKED-1");
+    job.write_documents(&site.incoming());
+    let outside = site.root.join("outside.xml");
+    fs::write(&outside, job.xml()).unwrap();
+    std::os::unix::fs::symlink(&outside, site.incoming().join("LINKED-1.xml")).unwrap();
+    Job::invoice("PLAIN-OK").drop_into(&site);
+    let out = site.run_ok();
+    assert_eq!(
+        site.outbox_messages().len(),
+        1,
+        "only the plain job is delivered; stderr:\n{}",
+        out.stderr
+    );
+    assert!(
+        site.dir("failed").join("LINKED-1").is_dir(),
+        "the symlinked manifest fails: {}",
+        site.describe()
+    );
+    let reason = site.failed_reason("LINKED-1");
+    assert!(
+        reason.contains("symbolic link") || reason.contains("symlink"),
+        "reason: {reason:?}"
+    );
+    assert!(outside.exists(), "the file outside the drop is left alone");
+}

@@ -169,3 +169,43 @@ fn untrusted_certificate_is_not_delivered() {
         site.describe()
     );
 }
+
+#[test]
+fn check_smtp_logs_in() {
+    let TlsSite { site, peer } = tls_site(Some(PASSWORD));
+    let cfg = site.config_path.to_str().unwrap().to_owned();
+    let out = site.docmail(&["check", "--config", &cfg, "--smtp"]);
+    assert_eq!(
+        out.code,
+        0,
+        "check --smtp with the right password exits 0; output:\n{}",
+        out.all_output()
+    );
+    assert!(
+        peer.events().contains("ok=True"),
+        "check --smtp really logged in; peer events:\n{}",
+        peer.events()
+    );
+    assert_eq!(peer.message_count(), 0, "check sends no mail");
+}
+
+#[test]
+fn check_smtp_reports_a_wrong_password() {
+    let TlsSite { site, peer } = tls_site(Some("not the password"));
+    let cfg = site.config_path.to_str().unwrap().to_owned();
+    let out = site.docmail(&["check", "--config", &cfg, "--smtp"]);
+    let text = out.all_output();
+    assert_eq!(
+        out.code, 78,
+        "check --smtp with a wrong password is a configuration error (78); output:\n{text}"
+    );
+    assert!(
+        text.to_lowercase().contains("auth"),
+        "the output says authentication failed: {text}"
+    );
+    assert!(
+        peer.events().contains("ok=False"),
+        "the login was tried: {}",
+        peer.events()
+    );
+}

@@ -266,6 +266,31 @@ impl Running {
     }
 }
 
+impl Running {
+    /// The process id (to signal it).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("already collected").id()
+    }
+
+    /// SIGKILL the process now (a crash, a power cut for the process) and collect what it wrote.
+    pub fn kill(mut self) -> RunOutput {
+        let mut child = self.child.take().expect("already collected");
+        let _ = child.kill();
+        let status = child.wait().unwrap();
+        let elapsed = self.started.elapsed();
+        let stdout = self.stdout_rx.recv().unwrap_or_default();
+        let stderr_lines = self.stderr_rx.recv().unwrap_or_default();
+        let stderr: String = stderr_lines.iter().map(|(_, l)| format!("{l}\n")).collect();
+        RunOutput {
+            code: status.code().unwrap_or(-1),
+            stdout,
+            stderr,
+            stderr_lines,
+            elapsed,
+        }
+    }
+}
+
 impl Drop for Running {
     fn drop(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -398,6 +423,7 @@ pub struct Config {
     pub template_default: String,
     pub settle: String,
     pub linger: String,
+    pub orphan_after: Option<String>,
     pub retry_first: String,
     pub retry_max: String,
     pub give_up_after: Option<String>,
@@ -479,6 +505,7 @@ impl Site {
             template_default: "invoice".into(),
             settle: "2s".into(),
             linger: "0s".into(),
+            orphan_after: None,
             retry_first: "1m".into(),
             retry_max: "1h".into(),
             give_up_after: None,
@@ -568,6 +595,9 @@ impl Site {
             toml_str(&c.linger)
         )
         .unwrap();
+        if let Some(o) = &c.orphan_after {
+            writeln!(t, "orphan_after = {}", toml_str(o)).unwrap();
+        }
         writeln!(
             t,
             "\n[retry]\nfirst = {}\nmax = {}",
