@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use lettre::Address;
-use lettre::message::Mailbox;
 use lettre::message::header::ContentType;
+use lettre::message::{Mailbox, Mailboxes};
 
 pub const NAMESPACE: &str = "urn:docmail:job:1";
 
@@ -319,6 +319,21 @@ fn mailbox(node: &roxmltree::Node, element: &str) -> Result<Mailbox, ManifestErr
             shorten(text)
         ));
     }
+    // An internationalised domain goes out in its ASCII form (IDNA, xn--…): docmail does not send
+    // SMTPUTF8, so the envelope and the headers must stay ASCII.
+    let email = if email.domain().is_ascii() {
+        email
+    } else {
+        idna::domain_to_ascii(email.domain())
+            .ok()
+            .and_then(|domain| Address::new(email.user(), domain).ok())
+            .ok_or_else(|| {
+                ManifestError::Invalid(format!(
+                    "<{element}> {:?}: the domain has no valid ASCII (IDNA) form",
+                    shorten(text)
+                ))
+            })?
+    };
     let name = node
         .attribute("name")
         .map(str::trim)
@@ -335,7 +350,18 @@ fn mailbox(node: &roxmltree::Node, element: &str) -> Result<Mailbox, ManifestErr
             ));
         }
     }
-    Ok(Mailbox::new(name.map(str::to_string), email))
+    let mailbox = Mailbox::new(name.map(str::to_string), email);
+    // lettre derives the envelope from the headers it writes: a mailbox whose header text does not parse
+    // back as itself would silently drop out of the recipients (quoted local parts such as
+    // "a b"@example.net, address literals such as a@[192.0.2.1]).
+    let one = Mailboxes::from(mailbox.clone());
+    if one.to_string().parse::<Mailboxes>().ok() != Some(one) {
+        return invalid(format!(
+            "<{element}> {:?}: docmail cannot send to this form of address (quoted local parts and [address literals] are not supported); use a plain address like user@example.net",
+            shorten(text)
+        ));
+    }
+    Ok(mailbox)
 }
 
 fn attachment(node: &roxmltree::Node) -> Result<AttachmentSpec, ManifestError> {
@@ -525,6 +551,33 @@ mod tests {
             let err = parse(job(body).as_bytes(), RULES).unwrap_err().to_string();
             assert!(err.contains(want), "{body}: {err}");
         }
+    }
+
+    #[test]
+    fn addresses() {
+        let to = |addr: &str| parse(job(&format!("<to>{addr}</to>")).as_bytes(), RULES);
+        // IDN domains go out in their ASCII form.
+        let m = to("info@bücher.example").unwrap();
+        assert_eq!(m.to[0].email.to_string(), "info@xn--bcher-kva.example");
+        // Forms whose header text does not read back as the same address are refused, not dropped.
+        for addr in ["\"a b\"@example.net", "a@[127.0.0.1]"] {
+            let err = to(addr).unwrap_err().to_string();
+            assert!(
+                err.contains("cannot send to this form of address"),
+                "{addr}: {err}"
+            );
+        }
+        let err = to("jörg@example.net").unwrap_err().to_string();
+        assert!(err.contains("SMTPUTF8"), "{err}");
+        // A display name full of syntax stays a name.
+        let m = parse(
+            job("<to name=\"Jane &lt;evil@example.org&gt;, &quot;Bob\">jane@example.net</to>")
+                .as_bytes(),
+            RULES,
+        )
+        .unwrap();
+        assert_eq!(m.to.len(), 1);
+        assert_eq!(m.to[0].email.to_string(), "jane@example.net");
     }
 
     #[test]
