@@ -33,6 +33,11 @@ impl std::error::Error for Sysexit {}
 
 /// The exit code for an error: the first [`Sysexit`] in its chain, else what its cause suggests.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
+    // A `Sysexit` is attached with `.context()`, and a context is not an item of `err.chain()` that
+    // downcasts to its type; anyhow's own downcast looks through the layers of context.
+    if let Some(code) = err.downcast_ref::<Sysexit>() {
+        return *code as u8;
+    }
     for cause in err.chain() {
         if let Some(code) = cause.downcast_ref::<Sysexit>() {
             return *code as u8;
