@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 use lettre::Message;
 use lettre::address::Envelope;
-use lettre::message::{Attachment, Mailbox, MultiPart, SinglePart};
+use lettre::message::{Attachment, Mailbox, Mailboxes, MultiPart, SinglePart, header};
 use minijinja::{Environment, UndefinedBehavior, Value};
 use serde::Serialize;
 
@@ -126,14 +126,18 @@ impl Composer {
             .subject(subject)
             .message_id(Some(message_id.clone()))
             .date_now();
-        for m in &manifest.to {
-            builder = builder.to(m.clone());
+        // Each address header is set once, whole: the builder's to()/cc()/bcc() parse the header again
+        // for every address they add, which takes minutes for a few thousand recipients.
+        let list = |m: &[&Mailbox]| m.iter().copied().cloned().collect::<Mailboxes>();
+        let to: Vec<&Mailbox> = manifest.to.iter().collect();
+        let cc: Vec<&Mailbox> = manifest.cc.iter().collect();
+        let bcc: Vec<&Mailbox> = manifest.bcc.iter().chain(&self.bcc).collect();
+        builder = builder.header(header::To::from(list(&to)));
+        if !cc.is_empty() {
+            builder = builder.header(header::Cc::from(list(&cc)));
         }
-        for m in &manifest.cc {
-            builder = builder.cc(m.clone());
-        }
-        for m in manifest.bcc.iter().chain(&self.bcc) {
-            builder = builder.bcc(m.clone());
+        if !bcc.is_empty() {
+            builder = builder.header(header::Bcc::from(list(&bcc)));
         }
         if let Some(r) = manifest.reply_to.as_ref().or(self.reply_to.as_ref()) {
             builder = builder.reply_to(r.clone());
