@@ -33,9 +33,14 @@ pub fn queue(config: &Config, json: bool) -> anyhow::Result<()> {
         for dir in spool.jobs(place).context(Sysexit::IoErr)? {
             let state = State::read(&dir);
             let since = dir.metadata().and_then(|m| m.modified()).unwrap_or(now);
-            let reason = std::fs::read_to_string(dir.join(spool::REASON))
-                .ok()
-                .map(|r| summary(&r));
+            // A deferred job's reason starts with when and which attempt; its cause (the server's
+            // reply) is the last error, which is what the operator needs to see.
+            let reason = match (&state.last_error, place) {
+                (Some(error), Place::Deferred) => Some(crate::manifest::shorten(error)),
+                _ => std::fs::read_to_string(dir.join(spool::REASON))
+                    .ok()
+                    .map(|r| summary(&r)),
+            };
             entries.push(Entry {
                 job: spool::job_name(&dir),
                 state: place.dir_name(),
