@@ -182,6 +182,20 @@ fn job_arrives_with_headers_text_attachment_and_ends_in_sent() {
         Some(upload.clone()),
         "sent/{id}/documents/{id}.pdf must be the uploaded document"
     );
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for p in [sent.clone(), sent.join("documents"), sent.join("state")] {
+            if let Ok(m) = fs::metadata(&p) {
+                assert_eq!(
+                    m.permissions().mode() & 0o007,
+                    0,
+                    "nothing in the spool is world-accessible: {} has mode {:o}",
+                    p.display(),
+                    m.permissions().mode() & 0o7777
+                );
+            }
+        }
+    }
     assert!(
         site.entries("incoming").is_empty(),
         "incoming/ must be empty: {:?}",
@@ -225,6 +239,15 @@ fn template_sees_id_recipients_and_attachments() {
     let mut job = Job::invoice(id);
     job.template = vec!["full".into()];
     let size = job.attachments[0].content.len();
+    // More documents, in this order: `name` defaults to `file`, `type` from the extension.
+    let terms = "Allgemeine Geschäftsbedingungen\n.\nEnde\n"
+        .as_bytes()
+        .to_vec();
+    let data: Vec<u8> = (0..=255u8).rev().collect();
+    job.attachments
+        .push(Attachment::new("AGB.txt", terms.clone()));
+    job.attachments
+        .push(Attachment::new("export.bin", data.clone()));
     job.drop_into(&site);
     let out = site.run_ok();
 
@@ -236,7 +259,7 @@ fn template_sees_id_recipients_and_attachments() {
         Some("Documents for job TPL-1"),
         "subject of template 'full' with {{{{ id }}}}"
     );
-    let body = p.body_text(0).expect("text body").into_owned();
+    let body = p.body_text(0).expect("text body").replace("\r\n", "\n");
     assert!(
         body.contains("job TPL-1 for Jane Doe <jane.doe@example.net>."),
         "`id` and `to` ({{name, email}}) in the template: {body:?}"
@@ -246,6 +269,48 @@ fn template_sees_id_recipients_and_attachments() {
             "* Invoice TPL-1.pdf [TPL-1.pdf] application/pdf {size} bytes"
         )),
         "`attachments` ({{name, file, type, size}}) in the template: {body:?}"
+    );
+    assert!(
+        body.contains("* AGB.txt [AGB.txt] text/plain")
+            && body.contains(&format!("{} bytes", terms.len())),
+        "second attachment in `attachments`: {body:?}"
+    );
+    assert!(
+        body.contains("\n.\n.leading dot\n..two dots\nend"),
+        "lines starting with dots survive SMTP transparency: {body:?}"
+    );
+
+    let atts: Vec<_> = p.attachments().collect();
+    assert_eq!(atts.len(), 3, "three attachments");
+    let names: Vec<Option<&str>> = atts.iter().map(|a| a.attachment_name()).collect();
+    assert_eq!(
+        names,
+        vec![
+            Some("Invoice TPL-1.pdf"),
+            Some("AGB.txt"),
+            Some("export.bin")
+        ],
+        "attachments in manifest order; name defaults to file"
+    );
+    let types: Vec<String> = atts
+        .iter()
+        .map(|a| {
+            let ct = a.content_type().expect("Content-Type");
+            format!("{}/{}", ct.ctype(), ct.subtype().unwrap_or(""))
+        })
+        .collect();
+    assert_eq!(
+        types,
+        vec!["application/pdf", "text/plain", "application/octet-stream"],
+        "type defaults from the extension (octet-stream when unknown)"
+    );
+    assert!(
+        atts[1].contents() == terms.as_slice(),
+        "text attachment byte-identical"
+    );
+    assert!(
+        atts[2].contents() == data.as_slice(),
+        "binary attachment byte-identical"
     );
     assert_sent(&site, id);
 }
@@ -260,6 +325,8 @@ fn html_template_gives_multipart_alternative() {
     let id = "HTML-1";
     let mut job = Job::invoice(id);
     job.template = vec!["letter".into()];
+    // Markup in a variable is text: escaped in the HTML part, verbatim in the text part.
+    job.vars[0].1 = "Jane & <i>Doe</i>".into();
     let upload = job.attachments[0].content.clone();
     job.drop_into(&site);
     let out = site.run_ok();
@@ -272,16 +339,18 @@ fn html_template_gives_multipart_alternative() {
         "a template with NAME.html must give multipart/alternative"
     );
     let p = msgs[0].parsed();
-    assert_eq!(p.subject(), Some("A letter for Jane Doe"));
+    assert_eq!(p.subject(), Some("A letter for Jane & <i>Doe</i>"));
     let text = p.body_text(0).expect("text part").into_owned();
     assert!(
-        text.contains("Hello Jane Doe, this is the plain text."),
-        "text part: {text:?}"
+        text.contains("Hello Jane & <i>Doe</i>, this is the plain text."),
+        "text part, variable verbatim: {text:?}"
     );
     let html = p.body_html(0).expect("html part").into_owned();
     assert!(
-        html.contains("<b>Jane Doe</b>") && html.contains("HTML part"),
-        "html part: {html:?}"
+        html.contains("<b>Jane &amp; &lt;i&gt;Doe&lt;")
+            && !html.contains("<i>")
+            && html.contains("HTML part"),
+        "html part, variable HTML-escaped: {html:?}"
     );
     let atts: Vec<_> = p.attachments().collect();
     assert_eq!(atts.len(), 1, "the document is still attached");

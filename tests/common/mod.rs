@@ -484,7 +484,7 @@ impl Site {
         tpl("full.subject", "Documents for job {{ id }}");
         tpl(
             "full.txt",
-            "Dear {{ customer_name }},\n\njob {{ id }} for {% for t in to %}{{ t.name }} <{{ t.email }}>{% if not loop.last %}, {% endif %}{% endfor %}.\n{% for a in attachments %}* {{ a.name }} [{{ a.file }}] {{ a.type }} {{ a.size }} bytes\n{% endfor %}",
+            "Dear {{ customer_name }},\n\njob {{ id }} for {% for t in to %}{{ t.name }} <{{ t.email }}>{% if not loop.last %}, {% endif %}{% endfor %}.\n{% for a in attachments %}* {{ a.name }} [{{ a.file }}] {{ a.type }} {{ a.size }} bytes\n{% endfor %}.\n.leading dot\n..two dots\nend\n",
         );
         // Text and HTML: multipart/alternative.
         tpl("letter.subject", "A letter for {{ customer_name }}");
