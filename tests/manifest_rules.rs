@@ -68,6 +68,23 @@ fn check_rule(case: Case, prepare: impl FnOnce(&mut Site, &mut Job)) {
             case.rule
         );
     }
+    // A reason a person can read: what failed (above), when, and what to do next.
+    let now = now_unix() as i64;
+    let stamped = reason
+        .split(|c: char| c.is_whitespace() || c == '(' || c == ')' || c == ',' || c == ';')
+        .map(|w| w.trim_end_matches([':', '.']))
+        .filter_map(parse_rfc3339_utc)
+        .any(|t| (t - now).abs() < 600);
+    assert!(
+        stamped,
+        "[{}] the reason says when the job failed (RFC 3339 UTC); reason: {reason:?}",
+        case.rule
+    );
+    assert!(
+        mentions(&reason, "retry|upload|fix|remove"),
+        "[{}] the reason says what to do next; reason: {reason:?}",
+        case.rule
+    );
     if case.names_manifest {
         assert!(
             reason.contains("BAD-1.xml"),
