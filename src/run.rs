@@ -42,6 +42,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
         composer: Composer::new(config),
         reporter,
         unavailable: None,
+        deadline: Instant::now() + config.limits.max_run_time.0,
     };
     let result = run.deliver_all(&watcher);
     run.reporter.stopping();
@@ -57,6 +58,9 @@ struct Run<'a> {
     /// Set when the next hop could not be reached: until `retry.first` has passed, jobs are deferred
     /// without trying again, so a dead relay costs one timeout per run instead of one per job.
     unavailable: Option<(Instant, String)>,
+    /// `limits.max_run_time` after the start: no job is claimed after it, so that a slow peer never
+    /// holds a run for longer than that and one job.
+    deadline: Instant,
 }
 
 /// A job in a job directory, ready to deliver.
@@ -70,7 +74,6 @@ struct Claimed {
 
 impl Run<'_> {
     fn deliver_all(&mut self, watcher: &Watcher) -> anyhow::Result<()> {
-        let started = Instant::now();
         let linger = self.config.intake.linger.0;
         self.resume_interrupted()?;
         let mut idle_since = Instant::now();
@@ -87,7 +90,7 @@ impl Run<'_> {
                 format!("; waiting for {} incomplete upload(s)", waiting.len())
             };
             self.reporter.status(&note);
-            if started.elapsed() >= self.config.limits.max_run_time.0 {
+            if self.out_of_time() {
                 self.reporter.warn(&format!(
                     "stopping after limits.max_run_time ({}); what is left is delivered by the next run",
                     humantime::format_duration(self.config.limits.max_run_time.0)
@@ -134,6 +137,9 @@ impl Run<'_> {
         let mut worked = false;
         let mut waiting = Vec::new();
         for (_, name) in manifests {
+            if self.out_of_time() {
+                break;
+            }
             match intake::examine(&incoming, &name, self.config, SystemTime::now()) {
                 Verdict::Ready(upload) => {
                     worked = true;
@@ -388,6 +394,9 @@ impl Run<'_> {
         let now = SystemTime::now();
         let mut any = false;
         for dir in self.spool.jobs(Place::Deferred)? {
+            if self.out_of_time() {
+                break;
+            }
             let state = State::read(&dir);
             if state.next_attempt.is_some_and(|t| t > now) {
                 continue;
@@ -431,11 +440,15 @@ impl Run<'_> {
                         reply: &reply,
                     },
                 );
-            } else {
+            } else if !self.out_of_time() {
                 self.resume(dir, state)?;
             }
         }
         Ok(())
+    }
+
+    fn out_of_time(&self) -> bool {
+        Instant::now() >= self.deadline
     }
 
     /// Loads a job directory in `active/` again (for a retry) and delivers it.
