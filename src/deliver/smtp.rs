@@ -13,6 +13,7 @@ use crate::config::Config;
 
 pub struct Smtp {
     transport: SmtpTransport,
+    timeout: Duration,
 }
 
 impl Smtp {
@@ -33,6 +34,7 @@ impl Smtp {
         }
         Ok(Smtp {
             transport: builder.build(),
+            timeout: t.timeout.0,
         })
     }
 }
@@ -44,7 +46,7 @@ impl Transport for Smtp {
         let response = self
             .transport
             .send_raw(envelope, message)
-            .map_err(classify)?;
+            .map_err(|e| classify(e, self.timeout))?;
         let text: Vec<&str> = response.message().collect();
         Ok(format!("{} {}", response.code(), text.join(" ")))
     }
@@ -56,13 +58,13 @@ impl Transport for Smtp {
                 failure: Failure::Unavailable,
                 message: "the server did not answer NOOP".into(),
             }),
-            Err(e) => Err(classify(e)),
+            Err(e) => Err(classify(e, self.timeout)),
         }
     }
 }
 
 /// Sorts lettre's error: a reply code decides by its class; no reply means the server was not reached.
-fn classify(e: Error) -> DeliveryError {
+fn classify(e: Error, timeout: Duration) -> DeliveryError {
     let failure = if e.is_permanent() {
         Failure::Permanent
     } else if e.is_transient() {
@@ -71,11 +73,34 @@ fn classify(e: Error) -> DeliveryError {
         Failure::Unavailable
     };
     let mut message = crate::spool::one_line(&error_chain(&e));
+    if timed_out(&e) {
+        // A read timeout surfaces as EAGAIN ("resource temporarily unavailable"), which does not
+        // tell an operator that the server simply did not answer.
+        message = format!(
+            "the server did not answer within {} (transport.timeout): {message}",
+            humantime::format_duration(timeout)
+        );
+    }
     if e.status().is_some_and(|c| c.to_string().starts_with("535")) {
         message =
             format!("authentication failed, check transport.user and the password: {message}");
     }
     DeliveryError { failure, message }
+}
+
+/// Whether a socket timeout (SO_RCVTIMEO/SO_SNDTIMEO: EAGAIN, or ETIMEDOUT) is behind the error.
+fn timed_out(e: &Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            );
+        }
+        source = err.source();
+    }
+    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
