@@ -42,7 +42,7 @@ fn fault_case(mode: &str, lands: Lands, reply: &[&str]) {
         Lands::Deferred => {
             assert_eq!(
                 site.jobs("deferred"),
-                [id.clone()],
+                vec![id.clone()],
                 "{mode}: {}\n{}",
                 site.describe(),
                 out.stderr
@@ -73,7 +73,7 @@ fn fault_case(mode: &str, lands: Lands, reply: &[&str]) {
         Lands::Failed => {
             assert_eq!(
                 site.jobs("failed"),
-                [id.clone()],
+                vec![id.clone()],
                 "{mode}: {}\n{}",
                 site.describe(),
                 out.stderr
