@@ -174,6 +174,8 @@ s_install() {
 		cx systemctl is-active -q $u && { fail "$u active after install"; return 1; }
 	done
 	echo "installed, nothing enabled or started"
+	cx systemd-run --wait --pipe --quiet --collect -p User=docmail -p StateDirectory=docmail docmail check \
+		|| fail "docmail check of the shipped configuration and templates" || return 1
 	cx getent passwd docmail >/dev/null || fail "no user docmail" || return 1
 	cx id docmail
 	cx stat -c '%A %U:%G %n' /var/spool/docmail /var/spool/docmail/{incoming,receipts,active,deferred,failed,sent}
@@ -507,6 +509,33 @@ s_final() {
 	[ "$a" = "incoming=0 active=0 deferred=0 failed=0 " ] || fail "spool not clean"
 }
 
+s_remove_purge() {
+	# one failed job (invalid manifest) and one deferred job (relay away) that must survive purge
+	cxsh 'printf "%s\n" "<?xml version=\"1.0\"?>" "<job xmlns=\"urn:docmail:job:1\" id=\"BAD-1\"><to>jane@example.net</to><bogus/></job>" >/root/BAD-1.xml'
+	cxsh "echo 'put /root/BAD-1.xml BAD-1.xml' | $SFTP -b - $DEST >/dev/null" || return 1
+	wait_for 30 cx test -e /var/spool/docmail/failed/BAD-1 || fail "invalid job not in failed/" || return 1
+	local d=$JOBS/purge
+	cx python3 /systest/jobs.py make "$d" KEEP 1 || return 1
+	cx systemctl stop postfix
+	upload "$d" rename || return 1
+	wait_for 30 cx test -e /var/spool/docmail/deferred/KEEP-0000 || fail "job not deferred" || return 1
+	wait_for 30 bash -c "! nsenter -t $LEADER -a systemctl is-active -q docmail.service"
+	cxsh 'DEBIAN_FRONTEND=noninteractive apt-get remove -y -q docmail 2>&1 | tail -1' || return 1
+	local u st
+	for u in docmail.path docmail-retry.timer docmail.service; do
+		st=$(cx systemctl is-active $u); echo "after remove: $u $st"
+		[ "$st" != active ] || fail "$u still active after remove" || return 1
+	done
+	if cx sh -c 'ls /etc/systemd/system/*.wants/ | grep docmail'; then fail "enablement links left after remove"; return 1; fi
+	echo "after remove: no enablement links; config kept: $(cx ls /etc/docmail | tr '\n' ' ')"
+	cxsh 'DEBIAN_FRONTEND=noninteractive apt-get purge -y -q docmail 2>&1 | grep -i -e docmail: -e Purging | tail -2'
+	cx test ! -e /etc/docmail || fail "/etc/docmail left after purge" || return 1
+	cx test -e /var/spool/docmail/failed/BAD-1/manifest.xml || fail "purge deleted the failed job" || return 1
+	cxsh 'test -e /var/spool/docmail/deferred/KEEP-0000/manifest.xml || test -e /var/spool/docmail/active/KEEP-0000/manifest.xml' || fail "purge deleted the deferred job" || return 1
+	echo "after purge: /etc/docmail gone; kept: $(cx sh -c 'cd /var/spool/docmail && ls -d */* | tr "\n" " "')"
+	cx systemctl start postfix
+}
+
 scenario "install the .deb with apt (enables nothing; users, spool modes)" s_install
 [ $FAILED -eq 0 ] || die "installation failed"
 scenario "setup: postfix relay, docmail over SMTP, chrooted SFTP account, enable --now docmail.path" s_setup
@@ -524,6 +553,7 @@ scenario "postfix stopped: deferred; started + retry timer: delivered" s_defer_r
 scenario "systemd-run --wait --pipe docmail check: 0 configured, 78 broken" s_check
 scenario "upgrade N -> N+1 during a backlog: the run goes on, every job once" s_upgrade
 scenario "every job of the test delivered exactly once; spool clean" s_final
+scenario "remove stops and disables the units; purge removes /etc/docmail, keeps undelivered jobs" s_remove_purge
 
 echo
 echo "docmail system test summary ($((SECONDS - T_START))s):"
