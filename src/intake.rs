@@ -8,6 +8,8 @@ use std::fs::{self, File, Metadata};
 use std::io::{self, Read};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
+#[cfg(test)]
+use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -227,6 +229,27 @@ pub fn read_upload(path: &Path, limit: u64) -> Result<(Vec<u8>, Metadata), Probl
     Ok((bytes, meta))
 }
 
+/// Checks a document after the claim moved it from the drop into a job directory: it must still be
+/// the file that was read (`ino`), and have no other link. Only here is the link count settled: in the
+/// drop the uploader can add and remove links at any moment, and a path lookup and the count it reports
+/// are not one atomic step, so [`read_upload`] can be shown a single link for a file that also has a
+/// name outside the drop (a race; see the tests). In the job directory nobody but docmail can add a
+/// link, so one link here means the file has no name outside the spool.
+pub fn verify_claimed(path: &Path, ino: u64) -> Result<(), Problem> {
+    match fs::symlink_metadata(path) {
+        Ok(m) if m.ino() != ino => Err(Problem::Bad(
+            "was replaced in the drop while the job was being claimed; upload the job again".into(),
+        )),
+        Ok(m) if !m.file_type().is_file() || m.nlink() != 1 => Err(Problem::Bad(format!(
+            "has {} hard links; only files with a single link are accepted (a hard link could expose a file outside the drop)",
+            m.nlink()
+        ))),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(Problem::Missing),
+        Err(e) => Err(Problem::Bad(format!("cannot be examined: {e}"))),
+    }
+}
+
 fn too_big(limit: u64) -> Problem {
     Problem::Bad(format!(
         "is larger than the limit of {limit} bytes (limits.max_attachment_size / limits.max_manifest_size)"
@@ -320,4 +343,214 @@ pub fn orphans(
         }
     }
     Ok(found)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Instant;
+
+    use rustix::fs::inotify;
+
+    const GOOD: &[u8] = b"GOOD document uploaded into the drop";
+    const SECRET: &[u8] = b"SECRET outside the drop";
+
+    struct Race {
+        _dir: tempfile::TempDir,
+        drop: PathBuf,
+        secret: PathBuf,
+        target: PathBuf,
+    }
+
+    fn race() -> Race {
+        let dir = tempfile::tempdir().unwrap();
+        let drop = dir.path().join("incoming");
+        fs::create_dir(&drop).unwrap();
+        let secret = dir.path().join("secret");
+        fs::write(&secret, SECRET).unwrap();
+        let target = drop.join("doc.pdf");
+        fs::write(&target, GOOD).unwrap();
+        Race {
+            drop,
+            secret,
+            target,
+            _dir: dir,
+        }
+    }
+
+    /// Keeps replacing `target` by rename(2) (atomically) with what `make` puts at a temporary name,
+    /// cycling through `kinds`, until `stop`. Returns the number of swaps.
+    fn swapper(
+        r: &Race,
+        kinds: &'static [&'static str],
+        stop: Arc<AtomicBool>,
+    ) -> std::thread::JoinHandle<u64> {
+        let (drop, secret, target) = (r.drop.clone(), r.secret.clone(), r.target.clone());
+        std::thread::spawn(move || {
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let tmp = drop.join(format!(".swap-{n}"));
+                match kinds[n as usize % kinds.len()] {
+                    "file" => fs::write(&tmp, GOOD).unwrap(),
+                    "symlink" => symlink(&secret, &tmp).unwrap(),
+                    "hardlink" => fs::hard_link(&secret, &tmp).unwrap(),
+                    "fifo" => rustix::fs::mknodat(
+                        rustix::fs::CWD,
+                        &tmp,
+                        rustix::fs::FileType::Fifo,
+                        rustix::fs::Mode::from_raw_mode(0o600),
+                        0,
+                    )
+                    .unwrap(),
+                    other => unreachable!("{other}"),
+                }
+                fs::rename(&tmp, &target).unwrap();
+                n += 1;
+            }
+            n
+        })
+    }
+
+    fn watch(path: &Path, flags: inotify::WatchFlags) -> std::os::fd::OwnedFd {
+        let fd = inotify::init(inotify::CreateFlags::NONBLOCK).unwrap();
+        inotify::add_watch(&fd, path, flags).unwrap();
+        fd
+    }
+
+    fn events(fd: &std::os::fd::OwnedFd) -> usize {
+        let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 4096];
+        let mut reader = inotify::Reader::new(fd, &mut buf);
+        let mut n = 0;
+        while reader.next().is_ok() {
+            n += 1;
+        }
+        n
+    }
+
+    fn count(
+        outcomes: &mut std::collections::BTreeMap<String, u32>,
+        r: &Result<(Vec<u8>, Metadata), Problem>,
+    ) {
+        let key = match r {
+            Ok(_) => "read".to_string(),
+            Err(Problem::Bad(why) | Problem::Incomplete(why)) => why.clone(),
+            Err(Problem::Missing) => "missing".into(),
+        };
+        *outcomes.entry(key).or_default() += 1;
+    }
+
+    /// Symlinks and FIFOs swapped in between the checks: `read_upload` never follows a link (the secret
+    /// is never even opened), never blocks, and returns only the bytes of a regular file of the drop.
+    #[test]
+    fn swapping_in_symlinks_and_fifos_never_yields_another_file() {
+        let r = race();
+        let seen = watch(
+            &r.secret,
+            inotify::WatchFlags::OPEN | inotify::WatchFlags::ACCESS,
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let swaps = swapper(
+            &r,
+            &["file", "symlink", "fifo", "file", "symlink"],
+            stop.clone(),
+        );
+        let mut outcomes = std::collections::BTreeMap::new();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(1500) {
+            let result = read_upload(&r.target, 1 << 20);
+            if let Ok((bytes, meta)) = &result {
+                assert_eq!(
+                    bytes.as_slice(),
+                    GOOD,
+                    "read_upload returned another file's bytes"
+                );
+                // nlink 0: replaced after it was opened; the claim notices (verify_claimed).
+                assert!(meta.file_type().is_file() && meta.nlink() <= 1);
+            }
+            count(&mut outcomes, &result);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let swaps = swaps.join().unwrap();
+        eprintln!("{swaps} swaps; outcomes: {outcomes:#?}");
+        assert_eq!(
+            events(&seen),
+            0,
+            "the secret outside the drop was opened or read"
+        );
+        assert!(outcomes.contains_key("read"), "{outcomes:?}");
+        assert!(
+            outcomes.keys().any(|k| k.contains("symbolic link")),
+            "{outcomes:?}"
+        );
+        assert!(outcomes.keys().any(|k| k.contains("FIFO")), "{outcomes:?}");
+    }
+
+    /// Hard links swapped in and out: the link count `read_upload` sees can be stale (lookup and count
+    /// are not atomic), so now and then it reads a file that has a name outside the drop. The claim
+    /// moves the file into a directory only docmail can write, where `verify_claimed` sees the true
+    /// link count: whatever `read_upload` returned, nothing but the uploaded document passes both.
+    #[test]
+    fn swapping_in_hard_links_is_caught_at_the_claim() {
+        let r = race();
+        let claimed_dir = r.drop.parent().unwrap().join("active");
+        fs::create_dir(&claimed_dir).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let swaps = swapper(&r, &["file", "hardlink", "symlink"], stop.clone());
+        let mut outcomes = std::collections::BTreeMap::new();
+        let (mut secret_read, mut accepted) = (0, 0);
+        let started = Instant::now();
+        let mut n = 0;
+        while started.elapsed() < Duration::from_millis(2500) {
+            let result = read_upload(&r.target, 1 << 20);
+            count(&mut outcomes, &result);
+            let Ok((bytes, meta)) = result else { continue };
+            if bytes != GOOD {
+                secret_read += 1;
+            }
+            // The claim: rename out of the drop, then check what arrived.
+            let claimed = claimed_dir.join(format!("doc-{n}"));
+            n += 1;
+            if fs::rename(&r.target, &claimed).is_err() {
+                continue;
+            }
+            if verify_claimed(&claimed, meta.ino()).is_ok() {
+                accepted += 1;
+                assert_eq!(
+                    bytes, GOOD,
+                    "a file with a name outside the drop passed the claim"
+                );
+            }
+            let _ = fs::remove_file(&claimed);
+        }
+        stop.store(true, Ordering::Relaxed);
+        let swaps = swaps.join().unwrap();
+        eprintln!(
+            "{swaps} swaps; read_upload returned the secret {secret_read} times, the claim accepted {accepted} (all the uploaded document); outcomes: {outcomes:#?}"
+        );
+        assert!(accepted > 0, "{outcomes:?}");
+        assert_eq!(fs::read(&r.secret).unwrap(), SECRET);
+    }
+
+    #[test]
+    fn verify_claimed_wants_the_same_single_linked_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        fs::write(&a, b"x").unwrap();
+        let ino = fs::metadata(&a).unwrap().ino();
+        assert!(verify_claimed(&a, ino).is_ok());
+        assert!(
+            matches!(verify_claimed(&a, ino + 1), Err(Problem::Bad(w)) if w.contains("replaced"))
+        );
+        fs::hard_link(&a, dir.path().join("b")).unwrap();
+        assert!(
+            matches!(verify_claimed(&a, ino), Err(Problem::Bad(w)) if w.contains("2 hard links"))
+        );
+        assert!(matches!(
+            verify_claimed(&dir.path().join("c"), ino),
+            Err(Problem::Missing)
+        ));
+    }
 }

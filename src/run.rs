@@ -4,7 +4,6 @@
 
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -190,15 +189,16 @@ impl Run<'_> {
                 &[],
             )
             .context("claiming a job")?;
-        // The bytes were checked in the drop; make sure the files that moved are the ones that were read.
+        // The bytes were checked in the drop; make sure the files that moved are the ones that were read,
+        // and (only settled now that they are out of the uploader's reach) that they have no other link.
         for (file, doc) in files.iter().zip(&documents) {
-            let moved = std::fs::symlink_metadata(dir.join(spool::DOCUMENTS).join(file))
-                .map(|m| m.ino())
-                .ok();
-            if moved != Some(doc.ino) {
-                let reason = format!(
-                    "document {file} was replaced in the drop while the job was being claimed; upload the job again"
-                );
+            let moved = dir.join(spool::DOCUMENTS).join(file);
+            if let Err(p) = intake::verify_claimed(&moved, doc.ino) {
+                let why = match p {
+                    intake::Problem::Bad(why) | intake::Problem::Incomplete(why) => why,
+                    intake::Problem::Missing => "vanished while the job was being claimed".into(),
+                };
+                let reason = format!("document {file} {why}");
                 return self.finish_failed(&dir, &manifest.id, &to, &reason);
             }
         }
