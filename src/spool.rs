@@ -290,8 +290,11 @@ impl Spool {
     }
 
     /// Writes a note file into a job directory (not yet visible to anyone but docmail).
+    /// An error names the file, so that a full disk is reported with where it struck.
     pub fn note(&self, job: &Path, file: &str, text: &str) -> io::Result<()> {
-        write_note(&job.join(file), text)
+        let path = job.join(file);
+        write_note(&path, text)
+            .map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))
     }
 
     /// Removes a job directory for good (`docmail remove`, expired `sent/` jobs).
