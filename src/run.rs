@@ -250,8 +250,9 @@ impl Run<'_> {
                 job.state.message_id = Some(composed.message_id.clone());
                 job.state.sent_at = Some(SystemTime::now());
                 job.state.reply = Some(reply.clone());
-                self.spool
-                    .note(&job.dir, spool::STATE, &job.state.render())?;
+                let recorded = self.spool.note(&job.dir, spool::STATE, &job.state.render());
+                // Even when the state cannot be written (a full disk), the job was sent: the rename
+                // to sent/ needs no space and keeps the next run from sending it again.
                 let dir = self
                     .spool
                     .move_job(&job.dir, Place::Sent)
@@ -264,7 +265,12 @@ impl Run<'_> {
                         reply: &reply,
                     },
                 );
-                Ok(())
+                // Then stop: whatever comes next cannot be recorded either.
+                recorded.with_context(|| {
+                    format!(
+                        "job={id} was sent and moved to sent/, but its state could not be written"
+                    )
+                })
             }
             Err(e) => match e.failure {
                 Failure::Permanent => self.finish_failed(
