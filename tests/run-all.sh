@@ -18,7 +18,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 echo "== unit and integration tests"
-cargo test --all-targets
+cargo test --all-targets --no-fail-fast
 
 if [ -x fuzz/run.sh ]; then
   echo "== fuzzing"
