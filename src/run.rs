@@ -251,20 +251,22 @@ impl Run<'_> {
                 job.state.sent_at = Some(SystemTime::now());
                 job.state.reply = Some(reply.clone());
                 let recorded = self.spool.note(&job.dir, spool::STATE, &job.state.render());
-                // Even when the state cannot be written (a full disk), the job was sent: the rename
-                // to sent/ needs no space and keeps the next run from sending it again.
-                let dir = self
-                    .spool
-                    .move_job(&job.dir, Place::Sent)
-                    .context("moving a sent job")?;
+                // Logged and receipted while the job is still in active/: a run killed before the
+                // move finds it there, sent, and moves and receipts it; once it is in sent/ nobody
+                // looks at it again, so a receipt due after the move would be lost to a kill.
                 self.reporter.job(
-                    &spool::job_name(&dir),
+                    &spool::job_name(&job.dir),
                     &to,
                     Outcome::Sent {
                         message_id: &composed.message_id,
                         reply: &reply,
                     },
                 );
+                // Even when the state cannot be written (a full disk), the job was sent: the rename
+                // to sent/ needs no space and keeps the next run from sending it again.
+                self.spool
+                    .move_job(&job.dir, Place::Sent)
+                    .context("moving a sent job")?;
                 // Then stop: whatever comes next cannot be recorded either.
                 recorded.with_context(|| {
                     format!(
@@ -432,20 +434,21 @@ impl Run<'_> {
             let state = State::read(&dir);
             if state.sent_at.is_some() {
                 let id = spool::job_name(&dir);
-                let dir = self.spool.move_job(&dir, Place::Sent)?;
                 let message_id = state.message_id.unwrap_or_default();
                 let reply = state.reply.unwrap_or_default();
                 self.reporter.info(&format!(
                     "job={id} was sent by an interrupted run; recorded now"
                 ));
+                // The receipt before the move, as in deliver().
                 self.reporter.job(
-                    &spool::job_name(&dir),
+                    &id,
                     "-",
                     Outcome::Sent {
                         message_id: &message_id,
                         reply: &reply,
                     },
                 );
+                self.spool.move_job(&dir, Place::Sent)?;
             } else if !self.out_of_time() {
                 self.resume(dir, state)?;
             }
