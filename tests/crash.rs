@@ -168,6 +168,17 @@ fn sigkill_at_random_moments_loses_nothing_and_resends_only_in_the_allowed_windo
     assert_eq!(sent, ids, "sent/ must hold exactly the uploaded jobs");
     let c = site.census();
     assert_eq!((c.manifests, c.documents), (jobs, jobs), "{c:?}");
+    // Every finished job has its receipt for the back office.
+    let receipts = list(&site.dir("receipts"));
+    let missing: Vec<&String> = ids
+        .iter()
+        .filter(|id| !receipts.contains(&format!("{id}.xml")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} sent job(s) have no receipt: {missing:?}",
+        missing.len()
+    );
 
     // What the server received.
     thread::sleep(Duration::from_millis(200));
