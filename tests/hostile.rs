@@ -573,20 +573,26 @@ fn one_document_named_by_two_manifests_goes_out_once() {
         "SHARE-A.xml",
         manifest("SHARE-A", &attachment("shared.pdf", Some(&doc))).as_bytes(),
     );
-    // Written a moment later: intake takes manifests oldest first.
+    // Written a moment later: intake takes manifests oldest first (the test does not rely on it).
     std::thread::sleep(Duration::from_millis(20));
     site.write(
         "SHARE-B.xml",
         manifest("SHARE-B", &attachment("shared.pdf", Some(&doc))).as_bytes(),
     );
     let run = site.run();
-    assert_eq!(site.messages_of("SHARE-A").len(), 1, "{}", run.stderr);
+    // Whichever manifest intake looks at first takes the document; the other finds it gone.
+    let (first, second) = if site.names_in("sent").contains(&"SHARE-A".to_string()) {
+        ("SHARE-A", "SHARE-B")
+    } else {
+        ("SHARE-B", "SHARE-A")
+    };
+    assert_eq!(site.messages_of(first).len(), 1, "{}", run.stderr);
     site.assert_failed(
         &run,
-        "SHARE-B",
+        second,
         &["document shared.pdf", "is missing from the drop"],
     );
-    assert!(site.messages_of("SHARE-B").is_empty());
+    assert!(site.messages_of(second).is_empty());
     // The document went out once, with the first job.
     let with_doc = site
         .messages()
@@ -1090,4 +1096,89 @@ fn deeply_nested_unclosed_xml_over_the_node_limit_fails_at_once() {
     );
     assert!(run.elapsed < Duration::from_secs(5), "{:?}", run.elapsed);
     site.finish(&run, "OK-1");
+}
+
+// ------------------------------------------------------------------------------------------------
+// check-then-open races, end to end
+
+#[test]
+fn document_swapped_for_links_during_the_run_never_sends_anything_else() {
+    // While docmail runs, a thread keeps replacing the job's document (atomically, by rename) with a
+    // symlink to the canary, a hard link to the canary, and a fresh copy of the real document. The job
+    // has no size or sha256, so only the file checks stand between the canary and the recipient. Each
+    // run must end with the job sent with the real document, or failed with a reason; the canary is
+    // never read (docmail may open its inode through a swapped-in hard link, and refuses it on the
+    // descriptor), and never mailed. The unit tests in src/intake.rs race read_upload itself much
+    // harder; this shows the whole claim holds.
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let mut site = Site::new();
+    site.tolerate_canary_open();
+    let good = b"%PDF the real document".to_vec();
+    let mut outcomes = std::collections::BTreeMap::<String, u32>::new();
+    for i in 0..12 {
+        let id = format!("RACE-{i}");
+        let file = format!("race-{i}.pdf");
+        site.write(&file, &good);
+        site.write(
+            format!("{id}.xml"),
+            manifest(&id, &attachment(&file, None)).as_bytes(),
+        );
+        let ok = format!("OK-{i}");
+        site.valid_job(&ok);
+        let stop = Arc::new(AtomicBool::new(false));
+        let swapper = {
+            let (incoming, canary, good, stop) =
+                (site.incoming(), site.canary(), good.clone(), stop.clone());
+            let target = incoming.join(&file);
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let tmp = incoming.join(format!(".swap-{n}"));
+                    match n % 3 {
+                        0 => fs::write(&tmp, &good).unwrap(),
+                        1 => symlink(&canary, &tmp).unwrap(),
+                        _ => fs::hard_link(&canary, &tmp).unwrap(),
+                    }
+                    fs::rename(&tmp, &target).unwrap();
+                    n += 1;
+                }
+                // Leave the drop as an uploader would have: the real document in place.
+                let _ = fs::remove_file(&target);
+            })
+        };
+        let run = site.run();
+        stop.store(true, Ordering::Relaxed);
+        swapper.join().unwrap();
+        site.finish(&run, &ok);
+        if site.names_in("sent").contains(&id) {
+            let msgs = site.messages_of(&id);
+            assert_eq!(msgs.len(), 1);
+            let p = MessageParser::default().parse(&msgs[0]).unwrap();
+            let docs: Vec<&[u8]> = p.attachments().map(|a| a.contents()).collect();
+            assert_eq!(
+                docs,
+                vec![good.as_slice()],
+                "{id} went out with another document"
+            );
+            *outcomes
+                .entry("sent with the real document".into())
+                .or_default() += 1;
+        } else {
+            let reason = site.assert_failed(&run, &id, &[&format!("document {file}")]);
+            let why = [
+                "symbolic link",
+                "hard links",
+                "replaced",
+                "missing",
+                "changing",
+            ]
+            .into_iter()
+            .find(|w| reason.contains(w))
+            .unwrap_or_else(|| panic!("unexpected reason for {id}: {reason}"));
+            *outcomes.entry(format!("failed: {why}")).or_default() += 1;
+        }
+    }
+    eprintln!("race outcomes over 12 runs: {outcomes:?}");
 }
