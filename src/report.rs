@@ -83,6 +83,21 @@ impl Reporter {
 
     /// Logs a job's outcome and, for final ones, writes its receipt.
     pub fn job(&mut self, job: &str, to: &str, outcome: Outcome) {
+        self.receipt_first(job, &outcome);
+        self.logged(job, to, outcome);
+    }
+
+    /// Writes the receipt of a final outcome now, before the job moves to its final place: once
+    /// there it is never looked at again, so a receipt due after the move would be lost to a run
+    /// killed in between. Then [`Reporter::logged`] logs the outcome under the job's final name.
+    pub fn receipt_first(&self, job: &str, outcome: &Outcome) {
+        if let Err(e) = self.receipt(job, outcome) {
+            self.warn(&format!("job={job} receipt not written: {e}"));
+        }
+    }
+
+    /// The log line of an outcome whose receipt [`Reporter::receipt_first`] has written.
+    pub fn logged(&mut self, job: &str, to: &str, outcome: Outcome) {
         let mut text = format!("job={job} status=");
         let priority = match &outcome {
             Outcome::Sent { message_id, reply } => {
@@ -115,9 +130,6 @@ impl Reporter {
             }
         };
         self.line(priority, &text);
-        if let Err(e) = self.receipt(job, &outcome) {
-            self.warn(&format!("job={job} receipt not written: {e}"));
-        }
         self.status("");
     }
 

@@ -251,22 +251,22 @@ impl Run<'_> {
                 job.state.sent_at = Some(SystemTime::now());
                 job.state.reply = Some(reply.clone());
                 let recorded = self.spool.note(&job.dir, spool::STATE, &job.state.render());
-                // Logged and receipted while the job is still in active/: a run killed before the
-                // move finds it there, sent, and moves and receipts it; once it is in sent/ nobody
-                // looks at it again, so a receipt due after the move would be lost to a kill.
-                self.reporter.job(
-                    &spool::job_name(&job.dir),
-                    &to,
-                    Outcome::Sent {
-                        message_id: &composed.message_id,
-                        reply: &reply,
-                    },
-                );
+                // Receipted while the job is still in active/: a run killed before the move finds
+                // it there, sent, and moves and receipts it; once it is in sent/ nobody looks at it
+                // again, so a receipt due after the move would be lost to a kill.
+                let outcome = Outcome::Sent {
+                    message_id: &composed.message_id,
+                    reply: &reply,
+                };
+                self.reporter
+                    .receipt_first(&spool::job_name(&job.dir), &outcome);
                 // Even when the state cannot be written (a full disk), the job was sent: the rename
                 // to sent/ needs no space and keeps the next run from sending it again.
-                self.spool
+                let dir = self
+                    .spool
                     .move_job(&job.dir, Place::Sent)
                     .context("moving a sent job")?;
+                self.reporter.logged(&spool::job_name(&dir), &to, outcome);
                 // Then stop: whatever comes next cannot be recorded either.
                 recorded.with_context(|| {
                     format!(
@@ -364,12 +364,13 @@ impl Run<'_> {
     ) -> anyhow::Result<()> {
         self.spool
             .note(dir, spool::REASON, &failure_text(id, reason))?;
+        let outcome = Outcome::Failed { reason };
+        self.reporter.receipt_first(id, &outcome);
         let dir = self
             .spool
             .move_job(dir, Place::Failed)
             .context("failing a job")?;
-        self.reporter
-            .job(&spool::job_name(&dir), to, Outcome::Failed { reason });
+        self.reporter.logged(&spool::job_name(&dir), to, outcome);
         Ok(())
     }
 
@@ -382,6 +383,8 @@ impl Run<'_> {
         reason: &str,
     ) -> anyhow::Result<()> {
         let text = failure_text(name, reason);
+        let outcome = Outcome::Failed { reason };
+        self.reporter.receipt_first(name, &outcome);
         let dir = self
             .spool
             .adopt(
@@ -392,8 +395,7 @@ impl Run<'_> {
                 &[(spool::REASON, &text)],
             )
             .context("moving a failed upload out of the drop")?;
-        self.reporter
-            .job(&spool::job_name(&dir), "-", Outcome::Failed { reason });
+        self.reporter.logged(&spool::job_name(&dir), "-", outcome);
         Ok(())
     }
 
@@ -440,15 +442,13 @@ impl Run<'_> {
                     "job={id} was sent by an interrupted run; recorded now"
                 ));
                 // The receipt before the move, as in deliver().
-                self.reporter.job(
-                    &id,
-                    "-",
-                    Outcome::Sent {
-                        message_id: &message_id,
-                        reply: &reply,
-                    },
-                );
-                self.spool.move_job(&dir, Place::Sent)?;
+                let outcome = Outcome::Sent {
+                    message_id: &message_id,
+                    reply: &reply,
+                };
+                self.reporter.receipt_first(&id, &outcome);
+                let dir = self.spool.move_job(&dir, Place::Sent)?;
+                self.reporter.logged(&spool::job_name(&dir), "-", outcome);
             } else if !self.out_of_time() {
                 self.resume(dir, state)?;
             }
@@ -531,6 +531,8 @@ impl Run<'_> {
             file.to_string_lossy(),
             humantime::format_duration(self.config.intake.orphan_after.0)
         );
+        let outcome = Outcome::Failed { reason: &reason };
+        self.reporter.receipt_first(job, &outcome);
         match self.spool.adopt(
             None,
             &[file],
@@ -538,11 +540,7 @@ impl Run<'_> {
             job,
             &[(spool::REASON, &failure_text(job, &reason))],
         ) {
-            Ok(dir) => self.reporter.job(
-                &spool::job_name(&dir),
-                "-",
-                Outcome::Failed { reason: &reason },
-            ),
+            Ok(dir) => self.reporter.logged(&spool::job_name(&dir), "-", outcome),
             Err(e) => self.reporter.warn(&format!(
                 "cannot move orphan {}: {e}",
                 file.to_string_lossy()
