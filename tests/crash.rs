@@ -261,3 +261,139 @@ fn sigkill_at_random_moments_loses_nothing_and_resends_only_in_the_allowed_windo
         began.elapsed().as_secs_f64()
     );
 }
+
+/// The same kind of kills over a backlog with every outcome: invalid manifests (failed at intake),
+/// recipients the server refuses (554: failed), recipients it defers (451: deferred) and good ones.
+/// After every kill nothing is lost; in the end each job is where its outcome says, every finished
+/// job (sent or failed) has its receipt, and nothing was sent that should not have been.
+#[test]
+fn sigkill_over_mixed_outcomes_puts_every_job_where_it_belongs() {
+    let seed = env_u64("DOCMAIL_CRASH_SEED", 0x00d0_c3a1_1c4a_5e11) ^ 0x6d69_7865_64;
+    let jobs = 200usize;
+    let want_kills = 50usize;
+    println!("crash (mixed): seed={seed} jobs={jobs} kills={want_kills}");
+    let mut rng = Rng::new(seed);
+    let began = Instant::now();
+    let tmp = tempfile::tempdir().unwrap();
+    let peer = Peer::start("crash_smtpd.py", &tmp.path().join("peer"), &[]);
+    let mut site = Site::smtp(peer.port, "10s");
+    site.extra = "[retry]\nfirst = \"1h\"\n".into();
+    site.write_config();
+
+    let mut expect: BTreeMap<String, &str> = BTreeMap::new();
+    for n in 1..=jobs {
+        let id = format!("MIX-{n:04}");
+        let lower = id.to_ascii_lowercase();
+        match n % 10 {
+            3 => {
+                // An unknown element: the manifest is invalid, the job fails at intake.
+                site.upload(&id, 900);
+                let path = site.incoming().join(format!("{id}.xml"));
+                let xml = fs::read_to_string(&path)
+                    .unwrap()
+                    .replace("</job>", "<colour>red</colour></job>");
+                put(&site.incoming(), &format!("{id}.xml"), xml.as_bytes());
+                expect.insert(id, "failed");
+            }
+            5 => {
+                site.upload_to(&id, &format!("{lower}+reject@example.net"), 900);
+                expect.insert(id, "failed");
+            }
+            7 => {
+                site.upload_to(&id, &format!("{lower}+busy@example.net"), 900);
+                expect.insert(id, "deferred");
+            }
+            _ => {
+                site.upload(&id, 900);
+                expect.insert(id, "sent");
+            }
+        }
+    }
+
+    let mut kills = 0;
+    let mut alive = 0.0f64;
+    while kills < want_kills {
+        let done: usize = ["sent", "failed", "deferred"]
+            .iter()
+            .map(|p| site.jobs(p).len())
+            .sum();
+        if done == jobs {
+            break;
+        }
+        let per_job = if done == 0 { 0.05 } else { alive / done as f64 };
+        let budget = (jobs as f64 * 0.5 - done as f64).max(jobs as f64 * 0.05);
+        let mean = (budget * per_job / (want_kills - kills) as f64).clamp(0.005, 1.0);
+        let delay = Duration::from_micros(rng.range(0, (2.0 * mean * 1e6) as u64));
+        let start = unix_now();
+        let mut child = site.spawn_run();
+        thread::sleep(delay);
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            kills += 1;
+        }
+        child.wait().unwrap();
+        alive += unix_now() - start;
+        let c = site.census();
+        assert_eq!(
+            (c.manifests, c.documents),
+            (jobs, jobs),
+            "after kill {kills} ({delay:?}): {c:?}\n{}",
+            site.describe()
+        );
+    }
+    let last = site.run();
+    assert_eq!(last.code, 0, "{}", last.stderr);
+    assert!(site.jobs("incoming").is_empty() && site.jobs("active").is_empty());
+    for place in ["sent", "failed", "deferred"] {
+        let want: Vec<String> = expect
+            .iter()
+            .filter(|(_, p)| **p == place)
+            .map(|(id, _)| id.clone())
+            .collect();
+        assert_eq!(
+            site.jobs(place),
+            want,
+            "{place}/ after {kills} kills:\n{}\n{}",
+            site.describe(),
+            last.stderr
+        );
+    }
+    for id in site.jobs("failed") {
+        let reason = site.read("failed", &id, "reason");
+        assert!(
+            reason.contains("colour") || reason.contains("554"),
+            "{id}: {reason}"
+        );
+    }
+    for id in site.jobs("deferred") {
+        let reason = site.read("deferred", &id, "reason");
+        assert!(reason.contains("451"), "{id}: {reason}");
+    }
+    let receipts = list(&site.dir("receipts"));
+    let missing: Vec<&String> = expect
+        .iter()
+        .filter(|(id, p)| **p != "deferred" && !receipts.contains(&format!("{id}.xml")))
+        .map(|(id, _)| id)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "{} finished job(s) have no receipt: {missing:?}",
+        missing.len()
+    );
+    // Only good jobs reach the server, each at least once.
+    let log = fs::read_to_string(peer.out.join("log")).unwrap();
+    let mut copies: BTreeMap<String, usize> = BTreeMap::new();
+    for line in log.lines().filter(|l| l.starts_with("MSG ")) {
+        let mid = line.rsplit(' ').next().unwrap();
+        let id = mid.trim_start_matches('<').split('.').next().unwrap();
+        *copies.entry(id.to_string()).or_default() += 1;
+    }
+    let sent: Vec<String> = copies.keys().cloned().collect();
+    assert_eq!(sent, site.jobs("sent"));
+    let duplicates: usize = copies.values().map(|n| n - 1).sum();
+    assert!(duplicates <= kills);
+    println!(
+        "crash (mixed): seed={seed} jobs={jobs} kills={kills} duplicates={duplicates} time={:.1}s",
+        began.elapsed().as_secs_f64()
+    );
+}

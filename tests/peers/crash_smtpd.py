@@ -10,7 +10,8 @@ every message and appends one line per event to DIR/log:
   MSG <conn> <unix time> <Message-ID>
 
 written and flushed before the 250 reply goes out, so a message the client may believe accepted is
-always in the log. The test maps connections to the docmail run that opened them (a connection is
+always in the log. RCPT to an address with "+reject@" is answered 554, with "+busy@" 451.
+The test maps connections to the docmail run that opened them (a connection is
 opened while its run is alive) to tell which run a copy belongs to.
 """
 
@@ -39,6 +40,16 @@ def main():
         log.flush()
 
     class Handler:
+        async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+            # Recipients can ask for a fault: "+reject@" gets 554, "+busy@" gets 451.
+            if "+reject@" in address:
+                return "554 5.7.1 crash-peer: recipient refused"
+            if "+busy@" in address:
+                return "451 4.3.0 crash-peer: mailbox busy, try later"
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+            return "250 OK"
+
         async def handle_DATA(self, server, session, envelope):
             head = envelope.original_content.split(b"\r\n\r\n", 1)[0]
             m = MSGID.search(head)

@@ -167,6 +167,12 @@ impl Site {
 
     /// Uploads a job the recommended way (document first, manifest last, each renamed into place).
     pub fn upload(&self, id: &str, doc_len: usize) -> Vec<u8> {
+        let to = format!("customer-{}@example.net", id.to_ascii_lowercase());
+        self.upload_to(id, &to, doc_len)
+    }
+
+    /// Like [`Site::upload`], to the address `to`.
+    pub fn upload_to(&self, id: &str, to: &str, doc_len: usize) -> Vec<u8> {
         let incoming = self.incoming();
         fs::create_dir_all(&incoming).unwrap();
         let doc = document(fnv(id), doc_len);
@@ -175,7 +181,7 @@ impl Site {
         put(
             &incoming,
             &format!("{id}.xml"),
-            manifest(id, &file, &doc).as_bytes(),
+            manifest_to(id, to, &file, &doc).as_bytes(),
         );
         doc
     }
@@ -310,11 +316,15 @@ pub fn put(dir: &Path, name: &str, bytes: &[u8]) {
 }
 
 pub fn manifest(id: &str, file: &str, doc: &[u8]) -> String {
+    let to = format!("customer-{}@example.net", id.to_ascii_lowercase());
+    manifest_to(id, &to, file, doc)
+}
+
+pub fn manifest_to(id: &str, to: &str, file: &str, doc: &[u8]) -> String {
     format!(
-        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<job xmlns=\"urn:docmail:job:1\" id=\"{id}\">\n  <to name=\"Customer {id}\">customer-{lower}@example.net</to>\n  <attachment file=\"{file}\" type=\"application/pdf\" size=\"{}\" sha256=\"{}\"/>\n</job>\n",
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<job xmlns=\"urn:docmail:job:1\" id=\"{id}\">\n  <to name=\"Customer {id}\">{to}</to>\n  <attachment file=\"{file}\" type=\"application/pdf\" size=\"{}\" sha256=\"{}\"/>\n</job>\n",
         doc.len(),
         hex(&Sha256::digest(doc)),
-        lower = id.to_ascii_lowercase(),
     )
 }
 
