@@ -231,3 +231,20 @@ fn slow_server_is_bounded_by_max_run_time() {
     let c = site.census();
     assert_eq!((c.manifests, c.documents), (jobs, jobs), "{c:?}");
 }
+
+#[test]
+fn greeting_421_defers() {
+    fault_case("banner421", Lands::Deferred, &["421", "(greeting)"]);
+}
+
+#[test]
+fn greeting_554_fails() {
+    fault_case("banner554", Lands::Failed, &["554", "(greeting)"]);
+}
+
+/// A connect that never completes (the server's accept queue is full, so the kernel drops the
+/// SYNs) is bounded by transport.timeout too.
+#[test]
+fn connect_that_never_completes_does_not_block_the_run() {
+    stall_case("no-accept");
+}

@@ -14,6 +14,8 @@ Modes (the reply texts carry the marker "fault-peer" so tests can find them in d
   datacmd451 datacmd554           answer the DATA command itself (instead of 354)
   data421 data451 data452 data554 take the whole message, then answer the final dot with that code
   drop-data              answer DATA with 354, read a little of the message, then close the connection
+  banner421 banner554    greet with that code instead of 220 (and close the connection)
+  no-accept              a listening socket whose accept queue is full: connects never complete
   stall-banner           accept the TCP connection, never send the greeting
   stall-mail             never answer MAIL FROM
   stall-data             take the whole message, never answer the final dot
@@ -140,6 +142,13 @@ class FaultSMTP(SMTP):
     async def _handle_client(self):
         if MODE == "stall-banner":
             await stall(self, "banner")
+        code = fault("banner")
+        if code:
+            reply = REPLIES[code].format(stage="greeting")
+            event(self.conn_no, f"REPLY {reply}")
+            await self.push(reply)
+            self.transport.close()
+            return
         await super()._handle_client()
 
     async def smtp_DATA(self, arg):
@@ -161,7 +170,34 @@ class FaultSMTP(SMTP):
         await super().smtp_DATA(arg)
 
 
+def no_accept():
+    """Listen with a backlog of 0 and fill the queue ourselves: the kernel then drops further SYNs,
+    so a client's connect() neither succeeds nor fails until its own timeout."""
+    import socket
+    srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(0)
+    port = srv.getsockname()[1]
+    fillers = []
+    for _ in range(4):
+        c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        c.setblocking(False)
+        try:
+            c.connect(("127.0.0.1", port))
+        except BlockingIOError:
+            pass
+        fillers.append(c)
+    time.sleep(0.3)
+    event(0, f"NO-ACCEPT listening on {port} with a full queue")
+    sys.stdout.write(f"READY port={port}\n")
+    sys.stdout.flush()
+    while True:
+        time.sleep(3600)
+
+
 def main():
+    if MODE == "no-accept":
+        return no_accept()
     kw = dict(hostname="fault.test", decode_data=False, enable_SMTPUTF8=True,
               data_size_limit=100 * 1024 * 1024, timeout=3600)
     loop = asyncio.new_event_loop()
