@@ -268,7 +268,7 @@ fn sigkill_at_random_moments_loses_nothing_and_resends_only_in_the_allowed_windo
 /// job (sent or failed) has its receipt, and nothing was sent that should not have been.
 #[test]
 fn sigkill_over_mixed_outcomes_puts_every_job_where_it_belongs() {
-    let seed = env_u64("DOCMAIL_CRASH_SEED", 0x00d0_c3a1_1c4a_5e11) ^ 0x6d69_7865_64;
+    let seed = env_u64("DOCMAIL_CRASH_SEED", 0x00d0_c3a1_1c4a_5e11) ^ 0x6d_6978_6564;
     let jobs = 200usize;
     let want_kills = 50usize;
     println!("crash (mixed): seed={seed} jobs={jobs} kills={want_kills}");
