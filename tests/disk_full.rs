@@ -22,10 +22,14 @@ struct Tmpfs(PathBuf);
 
 impl Tmpfs {
     fn mount(at: &Path, size: &str) -> Option<Tmpfs> {
+        Tmpfs::mount_with(at, &format!("size={size}"))
+    }
+
+    fn mount_with(at: &Path, options: &str) -> Option<Tmpfs> {
         fs::create_dir_all(at).unwrap();
         let out = Command::new("mount")
             .args(["-t", "tmpfs", "-o"])
-            .arg(format!("size={size},mode=0750"))
+            .arg(format!("{options},mode=0750"))
             .arg("tmpfs")
             .arg(at)
             .output()
@@ -225,4 +229,85 @@ fn disk_full_while_deferring_loses_nothing() {
         );
     }
     assert!(peer.messages().is_empty());
+}
+
+/// Out of inodes instead of blocks: claiming a job needs new directories, writing a note a new file.
+#[test]
+fn out_of_inodes_mid_run_loses_nothing_and_the_next_run_finishes() {
+    let tmp = tempfile::Builder::new()
+        .prefix("docmail-diskfull-")
+        .tempdir()
+        .unwrap();
+    let Some(mount) = Tmpfs::mount_with(&tmp.path().join("spool"), "size=8m,nr_inodes=400") else {
+        return;
+    };
+    let peer = Peer::fault(&tmp.path().join("peer"), "ok");
+    let site = Site::in_dir(
+        tmp.path(),
+        mount.0.clone(),
+        &smtp_transport(peer.port, "5s"),
+    );
+    let jobs = 40;
+    let ids: Vec<String> = (1..=jobs).map(|n| format!("INODE-{n:02}")).collect();
+    for id in &ids {
+        site.upload(id, 2000);
+    }
+    // Take every free inode, then give back a few: enough for a job or two, not for all.
+    let fill_dir = site.spool.join("fill");
+    fs::create_dir(&fill_dir).unwrap();
+    let mut fillers = Vec::new();
+    for n in 0.. {
+        let p = fill_dir.join(format!("f{n}"));
+        match fs::File::create(&p) {
+            Ok(_) => fillers.push(p),
+            Err(e) if e.raw_os_error() == Some(28) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    for p in fillers.drain(fillers.len() - 7..) {
+        fs::remove_file(p).unwrap();
+    }
+    let full = site.run();
+    let sent_while_full = site.jobs("sent").len();
+    println!(
+        "disk_full: out of inodes: exit {}, {sent_while_full} of {jobs} sent",
+        full.code
+    );
+    let c = site.census();
+    assert_eq!(
+        (c.manifests, c.documents),
+        (jobs, jobs),
+        "{c:?}\n{}\n{}",
+        site.describe(),
+        full.stderr
+    );
+    assert!(sent_while_full < jobs, "{}", full.stderr);
+    assert!(
+        full.stderr.contains("No space left on device"),
+        "{}",
+        full.stderr
+    );
+    fs::remove_dir_all(&fill_dir).unwrap();
+    let next = site.run();
+    assert_eq!(next.code, 0, "{}", next.stderr);
+    assert_eq!(
+        site.jobs("sent"),
+        ids,
+        "{}\n{}",
+        site.describe(),
+        next.stderr
+    );
+    for place in ["incoming", "active", "deferred", "failed"] {
+        assert!(site.jobs(place).is_empty(), "{place}: {}", site.describe());
+    }
+    let mut per_id: BTreeMap<String, usize> = BTreeMap::new();
+    for m in peer.messages() {
+        *per_id.entry(message_id(&m).unwrap()).or_default() += 1;
+    }
+    assert_eq!(per_id.len(), jobs);
+    assert!(
+        per_id.values().all(|&n| n == 1),
+        "duplicates: {per_id:?}\n{}",
+        full.stderr
+    );
 }
