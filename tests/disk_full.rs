@@ -104,10 +104,11 @@ fn disk_full_mid_run_loses_nothing_and_the_next_run_finishes() {
     let full = site.run();
     let sent_while_full = site.jobs("sent").len();
     println!(
-        "disk_full: run with a full spool: exit {}, {sent_while_full} of {jobs} in sent/, {} messages at the server, {:.2}s",
+        "disk_full: run with a full spool: exit {}, {sent_while_full} of {jobs} in sent/, {} messages at the server, {:.2}s; said: {}",
         full.code,
         peer.messages().len(),
-        full.elapsed.as_secs_f64()
+        full.elapsed.as_secs_f64(),
+        full.stderr.lines().last().unwrap_or("")
     );
     let c = site.census();
     assert_eq!(
@@ -270,8 +271,9 @@ fn out_of_inodes_mid_run_loses_nothing_and_the_next_run_finishes() {
     let full = site.run();
     let sent_while_full = site.jobs("sent").len();
     println!(
-        "disk_full: out of inodes: exit {}, {sent_while_full} of {jobs} sent",
-        full.code
+        "disk_full: out of inodes: exit {}, {sent_while_full} of {jobs} sent; said: {}",
+        full.code,
+        full.stderr.lines().last().unwrap_or("")
     );
     let c = site.census();
     assert_eq!(
