@@ -248,3 +248,42 @@ fn greeting_554_fails() {
 fn connect_that_never_completes_does_not_block_the_run() {
     stall_case("no-accept");
 }
+
+/// A relay that answers 421 once and closes the connection (what Postfix does after too many errors)
+/// costs that job one deferral; the run reconnects and delivers the rest of the backlog.
+#[test]
+fn after_a_421_and_a_closed_connection_the_run_reconnects_for_the_rest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peer = Peer::start(
+        "fault_smtpd.py",
+        &tmp.path().join("peer"),
+        &["--mode", "mail421", "--faults", "1"],
+    );
+    let site = Site::smtp(peer.port, "5s");
+    let ids: Vec<String> = (1..=5).map(|n| format!("RECONNECT-{n}")).collect();
+    for id in &ids {
+        site.upload(id, 1000);
+    }
+    let out = site.run();
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let deferred = site.jobs("deferred");
+    assert_eq!(deferred.len(), 1, "{}\n{}", site.describe(), out.stderr);
+    assert_eq!(
+        site.jobs("sent").len(),
+        4,
+        "{}\n{}",
+        site.describe(),
+        out.stderr
+    );
+    assert_eq!(peer.messages().len(), 4);
+    assert!(
+        site.read("deferred", &deferred[0], "reason")
+            .contains("421")
+    );
+    let connects = peer
+        .events()
+        .lines()
+        .filter(|l| l.ends_with(" CONNECT"))
+        .count();
+    assert!(connects >= 2, "the run must reconnect:\n{}", peer.events());
+}

@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """An aiosmtpd server that misbehaves on purpose, for docmail's fault tests.
 
-Usage: fault_smtpd.py --out DIR --mode MODE [--delay SECONDS]
+Usage: fault_smtpd.py --out DIR --mode MODE [--delay SECONDS] [--faults N]
 
 It prints `READY port=N` once listening on 127.0.0.1 (kernel-chosen port) and runs until killed.
 Every connection and command is appended to DIR/events.log; every accepted message is stored as
@@ -37,6 +37,8 @@ def parse_args():
     p.add_argument("--out", required=True)
     p.add_argument("--mode", default="ok")
     p.add_argument("--delay", type=float, default=0.0)
+    p.add_argument("--faults", type=int, default=-1,
+                   help="misbehave only this many times, then behave (default: always)")
     return p.parse_args()
 
 
@@ -66,6 +68,10 @@ def fault(stage):
     """The reply code this mode gives at `stage` (mail, rcpt, datacmd, data), or None."""
     for code in REPLIES:
         if MODE == f"{stage}{code}":
+            with LOCK:
+                if ARGS.faults == 0:
+                    return None
+                ARGS.faults -= 1
             return code
     return None
 
