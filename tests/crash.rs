@@ -277,7 +277,8 @@ fn sigkill_over_mixed_outcomes_puts_every_job_where_it_belongs() {
     let tmp = tempfile::tempdir().unwrap();
     let peer = Peer::start("crash_smtpd.py", &tmp.path().join("peer"), &[]);
     let mut site = Site::smtp(peer.port, "10s");
-    site.extra = "[retry]\nfirst = \"1h\"\n".into();
+    // Deferred jobs come due again within the kill loop, so retries are killed too.
+    site.extra = "[retry]\nfirst = \"1s\"\nmax = \"1s\"\n".into();
     site.write_config();
 
     let mut expect: BTreeMap<String, &str> = BTreeMap::new();
@@ -365,9 +366,16 @@ fn sigkill_over_mixed_outcomes_puts_every_job_where_it_belongs() {
             "{id}: {reason}"
         );
     }
+    let mut retried = 0;
     for id in site.jobs("deferred") {
         let reason = site.read("deferred", &id, "reason");
         assert!(reason.contains("451"), "{id}: {reason}");
+        let attempts: u32 = site
+            .state_value("deferred", &id, "attempts")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(0);
+        assert!(attempts >= 1, "{id}: {:?}", site.state("deferred", &id));
+        retried += usize::from(attempts > 1);
     }
     let receipts = list(&site.dir("receipts"));
     let missing: Vec<&String> = expect
@@ -393,7 +401,7 @@ fn sigkill_over_mixed_outcomes_puts_every_job_where_it_belongs() {
     let duplicates: usize = copies.values().map(|n| n - 1).sum();
     assert!(duplicates <= kills);
     println!(
-        "crash (mixed): seed={seed} jobs={jobs} kills={kills} duplicates={duplicates} time={:.1}s",
+        "crash (mixed): seed={seed} jobs={jobs} kills={kills} duplicates={duplicates} deferred-jobs-retried={retried} time={:.1}s",
         began.elapsed().as_secs_f64()
     );
 }
