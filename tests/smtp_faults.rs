@@ -287,3 +287,35 @@ fn after_a_421_and_a_closed_connection_the_run_reconnects_for_the_rest() {
         .count();
     assert!(connects >= 2, "the run must reconnect:\n{}", peer.events());
 }
+
+/// A server that stops reading in the middle of the message: once the socket buffers are full the
+/// client's writes block, and transport.timeout must bound them too.
+#[test]
+fn server_that_stops_reading_the_message_does_not_block_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peer = Peer::fault(&tmp.path().join("peer"), "stall-reading");
+    let timeout = 2;
+    let site = Site::smtp(peer.port, &format!("{timeout}s"));
+    // Larger than what loopback's socket buffers can hold (base64 makes it 4/3 bigger still).
+    site.upload("BIG-1", 15 << 20);
+    let out = site.docmail(&["run"], Duration::from_secs(90));
+    let bound = Duration::from_secs(4 * timeout + 15);
+    println!(
+        "smtp_faults: stall-reading: run took {:.2}s (bound {bound:?})",
+        out.elapsed.as_secs_f64()
+    );
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.elapsed < bound, "{:?}: {}", out.elapsed, out.stderr);
+    assert_eq!(
+        site.jobs("deferred"),
+        ["BIG-1"],
+        "{}\n{}",
+        site.describe(),
+        out.stderr
+    );
+    let reason = site.read("deferred", "BIG-1", "reason");
+    assert!(
+        reason.contains("did not answer within 2s (transport.timeout)"),
+        "{reason}"
+    );
+}

@@ -19,6 +19,7 @@ Modes (the reply texts carry the marker "fault-peer" so tests can find them in d
   stall-banner           accept the TCP connection, never send the greeting
   stall-mail             never answer MAIL FROM
   stall-data             take the whole message, never answer the final dot
+  stall-reading          answer DATA with 354, then stop reading: the client's writes block
   slow                   answer every command (and the greeting) after --delay seconds
 """
 
@@ -163,6 +164,11 @@ class FaultSMTP(SMTP):
             event(self.conn_no, "DATA command")
             await self.push(await self.refuse(code, "DATA command"))
             return
+        if MODE == "stall-reading" and self.envelope.rcpt_tos:
+            event(self.conn_no, "DATA command")
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            self.transport.pause_reading()
+            await stall(self, "reading the message")
         if MODE == "drop-data" and self.envelope.rcpt_tos:
             event(self.conn_no, "DATA command")
             await self.push("354 End data with <CR><LF>.<CR><LF>")
