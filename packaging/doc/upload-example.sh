@@ -30,9 +30,10 @@ for manifest in "$OUTBOX"/*.xml; do
 		"$manifest" "$job" "$job" "$job" >>"$batch"
 done
 
-# receipts of finished jobs (sent or failed): fetch, then delete what was fetched
-mkdir -p "$RECEIPTS"
-printf -- '-get /receipts/*.xml "%s/"\n' "$RECEIPTS" >>"$batch"
+# receipts of finished jobs (sent or failed): fetch them into a fresh directory
+fetched=$(mktemp -d)
+trap 'rm -f "$batch"; rm -rf "$fetched"' EXIT
+printf -- '-get /receipts/*.xml "%s/"\n' "$fetched" >>"$batch"
 
 sftp -q -b "$batch" -i "$SSH_KEY" -o BatchMode=yes "$DEST"
 
@@ -46,11 +47,15 @@ for manifest in "$OUTBOX"/*.xml; do
 	mv "$manifest" "$OUTBOX/done/"
 done
 
-# delete on the server exactly the receipts that arrived here
+# delete on the server exactly the receipts that were fetched, then keep them
+mkdir -p "$RECEIPTS"
 : >"$batch"
-for r in "$RECEIPTS"/*.xml; do
+for r in "$fetched"/*.xml; do
 	[ -e "$r" ] || break
 	printf -- '-rm "/receipts/%s"\n' "$(basename "$r")" >>"$batch"
 done
-[ -s "$batch" ] && sftp -q -b "$batch" -i "$SSH_KEY" -o BatchMode=yes "$DEST"
+if [ -s "$batch" ]; then
+	sftp -q -b "$batch" -i "$SSH_KEY" -o BatchMode=yes "$DEST"
+	mv "$fetched"/*.xml "$RECEIPTS"/
+fi
 exit 0

@@ -54,14 +54,18 @@ def make(d, prefix, count, size=4096):
 def job_commands(d, jid, mode, mark=None):
     doc = f"{jid}.pdf"
     out = []
+    remote = os.environ.get("REMOTE_DIR", "")  # default: the login directory (the drop)
+    r = remote + "/" if remote else ""
     for name in (doc, f"{jid}.xml"):  # documents first, the manifest last
         src = os.path.join(d, name)
         if mode == "rename":
-            out += [f'put "{src}" ".{name}.part"', f'rename ".{name}.part" "{name}"']
+            out.append(f'put "{src}" "{r}.{name}.part"')
+            if mark and name.endswith(".xml"):
+                # arrival: the moment just before the manifest is renamed into the drop
+                out.append(f"!echo {jid} $(date +%s.%N) >> {mark}")
+            out.append(f'rename "{r}.{name}.part" "{r}{name}"')
         else:
-            out += [f'put "{src}" "{name}"']
-    if mark:
-        out.append(f"!echo {jid} $(date +%s.%N) >> {mark}")
+            out.append(f'put "{src}" "{r}{name}"')
     return out
 
 

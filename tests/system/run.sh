@@ -502,7 +502,7 @@ s_final() {
 	python3 -c 'import json,sys; d=json.loads(sys.argv[1]); sys.exit(not(d["delivered"]==d["expected"] and d["duplicate_count"]==0))' "$out" \
 		|| fail "lost or duplicated jobs" || return 1
 	# one journal line per job outcome: every job has exactly one "status=sent" line
-	cxsh "journalctl -u docmail.service -o cat --no-pager | python3 /systest/jobs.py journal $JOBS/*" \
+	cxsh "journalctl -u docmail.service -u docmail@second.service -o cat --no-pager | python3 /systest/jobs.py journal $JOBS/*" \
 		|| fail "jobs without exactly one sent line in the journal" || return 1
 	local a; a=$(cx sh -c 'for s in incoming active deferred failed; do printf "%s=%s " $s $(ls -A /var/spool/docmail/$s | wc -l); done')
 	echo "spool: $a"
@@ -536,6 +536,44 @@ s_remove_purge() {
 	cx systemctl start postfix
 }
 
+s_example_script() {
+	# the back office's side as shipped: /usr/share/doc/docmail/examples/upload-example.sh
+	local d=$JOBS/example
+	cx python3 /systest/jobs.py make "$d" EX 2 30000 || return 1
+	cxsh "mkdir -p /root/outbox && cp $d/EX-*.pdf $d/EX-*.xml /root/outbox/ &&
+		printf 'Host 127.0.0.1\n\tStrictHostKeyChecking no\n\tUserKnownHostsFile /dev/null\n\tLogLevel ERROR\n' >/root/.ssh/config" || return 1
+	cxsh "cd /root && OUTBOX=/root/outbox RECEIPTS=/root/receipts SSH_KEY=/root/.ssh/backoffice \
+		sh /usr/share/doc/docmail/examples/upload-example.sh $DEST" || fail "upload-example.sh (upload) failed" || return 1
+	delivered 60 "$d" || fail "jobs of the example script did not arrive" || return 1
+	wait_for 20 cx test -e /var/spool/docmail/receipts/EX-0001.xml || fail "no receipt for EX-0001" || return 1
+	cxsh "cd /root && OUTBOX=/root/outbox RECEIPTS=/root/receipts SSH_KEY=/root/.ssh/backoffice \
+		sh /usr/share/doc/docmail/examples/upload-example.sh $DEST" || fail "upload-example.sh (receipts) failed" || return 1
+	echo "fetched receipts: $(cx ls /root/receipts | tr '\n' ' ')"
+	cx test -s /root/receipts/EX-0000.xml && cx test -s /root/receipts/EX-0001.xml || fail "receipts not fetched" || return 1
+	cx test ! -e /var/spool/docmail/receipts/EX-0000.xml || fail "receipt not deleted on the server" || return 1
+	echo "upload-example.sh: 2 jobs uploaded (temporary names, rename, manifest last), receipts fetched and deleted"
+}
+
+s_instance() {
+	# a second drop per docmail.toml(5) "SEVERAL DROPS": /etc/docmail/second.toml, /var/spool/docmail/second
+	local d=$JOBS/second
+	cx python3 /systest/jobs.py make "$d" SEC 2 || return 1
+	cxsh 'set -e
+		sed "s|^spool = .*|spool = \"/var/spool/docmail/second\"|" /etc/docmail/docmail.toml >/etc/docmail/second.toml
+		sed "s|/var/spool/docmail|/var/spool/docmail/second|" \
+			/usr/lib/tmpfiles.d/docmail.conf >/etc/tmpfiles.d/docmail-second.conf
+		systemd-tmpfiles --create docmail-second.conf
+		systemctl enable --now docmail@second.path 2>&1' || return 1
+	cx systemctl is-active docmail@second.path docmail-retry@second.timer || fail "instance units not active" || return 1
+	cxsh "REMOTE_DIR=/second/incoming python3 /systest/jobs.py batch $d rename >$d/batch && $SFTP -b $d/batch $DEST >/dev/null" \
+		|| fail "upload into /second/incoming" || return 1
+	delivered 60 "$d" || fail "jobs of the second drop did not arrive" || return 1
+	local n; n=$(cxsh "journalctl -u docmail@second.service -o cat --no-pager | grep -c 'status=sent'")
+	echo "journalctl -u docmail@second.service: $n sent lines"
+	[ "$n" = 2 ] || fail "want 2 sent lines from docmail@second.service" || return 1
+	cx systemctl disable --now docmail@second.path docmail-retry@second.timer 2>&1
+}
+
 scenario "install the .deb with apt (enables nothing; users, spool modes)" s_install
 [ $FAILED -eq 0 ] || die "installation failed"
 scenario "setup: postfix relay, docmail over SMTP, chrooted SFTP account, enable --now docmail.path" s_setup
@@ -547,6 +585,8 @@ scenario "SFTP upload with temporary names + rename: mail, attachment, journal" 
 scenario "SFTP upload with plain in-place put: mail, attachment, journal" s_upload put PUT
 scenario "uploader cannot read sent/ failed/ nor write outside the drop" s_permissions
 scenario "uploader reads and deletes receipts" s_receipts
+scenario "the packaged upload-example.sh: upload, then fetch and delete receipts" s_example_script
+scenario "a second drop: docmail@second.path / docmail@second.service" s_instance
 scenario "new jobs during a busy backlog run; drop empty, units healthy" s_backlog
 scenario "trickle: 200 at 20/s, 15 s pause, 200 at 20/s" s_trickle
 scenario "postfix stopped: deferred; started + retry timer: delivered" s_defer_retry
