@@ -124,6 +124,7 @@ pub fn retry(config: &Config, ids: &[String], all_failed: bool, force: bool) -> 
         state.first_attempt = None;
         state.next_attempt = Some(SystemTime::now());
         state.force |= force;
+        state.failed = false;
         spool
             .note(&dir, spool::STATE, &state.render())
             .context(Sysexit::IoErr)?;

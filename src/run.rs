@@ -364,6 +364,10 @@ impl Run<'_> {
     ) -> anyhow::Result<()> {
         self.spool
             .note(dir, spool::REASON, &failure_text(id, reason))?;
+        // Marked before the move, so that a run killed in between does not deliver it after all.
+        let mut state = State::read(dir);
+        state.failed = true;
+        self.spool.note(dir, spool::STATE, &state.render())?;
         let outcome = Outcome::Failed { reason };
         self.reporter.receipt_first(id, &outcome);
         let dir = self
@@ -448,6 +452,18 @@ impl Run<'_> {
                 };
                 self.reporter.receipt_first(&id, &outcome);
                 let dir = self.spool.move_job(&dir, Place::Sent)?;
+                self.reporter.logged(&spool::job_name(&dir), "-", outcome);
+            } else if state.failed {
+                let id = spool::job_name(&dir);
+                let reason = std::fs::read_to_string(dir.join(spool::REASON)).unwrap_or_default();
+                let reason = reason
+                    .lines()
+                    .nth(1)
+                    .unwrap_or("failed by an interrupted run")
+                    .to_string();
+                let outcome = Outcome::Failed { reason: &reason };
+                self.reporter.receipt_first(&id, &outcome);
+                let dir = self.spool.move_job(&dir, Place::Failed)?;
                 self.reporter.logged(&spool::job_name(&dir), "-", outcome);
             } else if !self.out_of_time() {
                 self.resume(dir, state)?;

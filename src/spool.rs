@@ -383,6 +383,9 @@ pub struct State {
     pub reply: Option<String>,
     /// Set by `docmail retry --force`: deliver even if a job of the same id was sent before.
     pub force: bool,
+    /// The run decided to fail the job: a run that resumes it after a kill moves it to `failed/`
+    /// instead of delivering what was refused.
+    pub failed: bool,
 }
 
 impl State {
@@ -403,6 +406,7 @@ impl State {
                 "sent_at" => s.sent_at = time(),
                 "reply" => s.reply = Some(v.to_string()),
                 "force" => s.force = v == "1",
+                "failed" => s.failed = v == "1",
                 _ => {}
             }
         }
@@ -420,6 +424,9 @@ impl State {
         line("attempts", &self.attempts.to_string());
         if self.force {
             line("force", "1");
+        }
+        if self.failed {
+            line("failed", "1");
         }
         for (k, t) in [
             ("first_attempt", self.first_attempt),
