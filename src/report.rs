@@ -157,7 +157,15 @@ impl Reporter {
             xml_escape(job),
             rfc3339(SystemTime::now())
         );
-        write_replace(dir, &format!("{job}.xml"), xml.as_bytes())
+        // A refused re-upload of a sent id must not replace the receipt that says it was sent, which
+        // the back office may not have fetched yet.
+        let mut name = format!("{job}.xml");
+        if status == "failed"
+            && fs::read_to_string(dir.join(&name)).is_ok_and(|r| r.contains("status=\"sent\""))
+        {
+            name = format!("{job}.duplicate.xml");
+        }
+        write_replace(dir, &name, xml.as_bytes())
     }
 
     /// Tells the service manager how far the run is (STATUS=) and keeps its watchdog fed.

@@ -165,16 +165,23 @@ fn the_receipt_of_a_sent_job_survives_a_duplicate_upload() {
     site.upload("IDEM-R", 700);
     assert_eq!(site.run().code, 0);
     assert_eq!(peer.messages().len(), 1);
-    // The duplicate's receipt replaces the first one; it must still say that (and when, and with which
-    // Message-ID) the job went out.
+    // The first receipt still says sent; the duplicate's receipt stands beside it and says that (and
+    // when, and with which Message-ID) the job went out.
+    let after = std::fs::read_to_string(&receipt).unwrap();
+    assert_eq!(
+        after, sent,
+        "receipts/IDEM-R.xml was replaced by the duplicate's receipt"
+    );
     let message_id = site.state_value("sent", "IDEM-R", "message_id").unwrap();
     let sent_at = site.state_value("sent", "IDEM-R", "sent_at").unwrap();
-    let after = std::fs::read_to_string(&receipt).unwrap();
+    let duplicate =
+        std::fs::read_to_string(site.dir("receipts").join("IDEM-R.duplicate.xml")).unwrap();
     assert!(
-        after.contains("already sent")
-            && after.contains(&xml_escaped(&message_id))
-            && after.contains(&sent_at),
-        "receipts/IDEM-R.xml no longer says the job was sent ({message_id} at {sent_at}):\n{after}"
+        duplicate.contains("status=\"failed\"")
+            && duplicate.contains("already sent")
+            && duplicate.contains(&xml_escaped(&message_id))
+            && duplicate.contains(&sent_at),
+        "receipts/IDEM-R.duplicate.xml does not say the job was sent ({message_id} at {sent_at}):\n{duplicate}"
     );
 }
 
