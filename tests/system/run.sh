@@ -360,7 +360,7 @@ s_backlog() {
 	units_healthy || fail "a unit failed"
 }
 
-invocations_since() { # distinct invocations of docmail.service since monotonic usec $1
+invocations_since() { # distinct invocations of docmail.service since $1 (epoch seconds)
 	cxsh "journalctl -u docmail.service --since=@$1 -o export --no-pager | sed -n 's/^_\?\(SYSTEMD_\)\?INVOCATION_ID=//p' | sort -u | wc -l"
 }
 
@@ -376,7 +376,7 @@ s_trickle() {
 	echo "runs started by systemd for 400 jobs (200 at 20/s, 15 s pause, 200 at 20/s): $runs"
 	cx python3 /systest/jobs.py check "$MAILDIR" "$d" | python3 -c '
 import json,sys; d=json.load(sys.stdin)
-print("arrival-to-delivery latency: median %.3fs, p99 %.3fs, max %.3fs" % (d["latency_median"], d["latency_p99"], d["latency_max"]))'
+print("latency from arrival (just before the manifest is renamed into the drop) to delivery (the message file in the Maildir): median %.3fs, p99 %.3fs, max %.3fs" % (d["latency_median"], d["latency_p99"], d["latency_max"]))'
 	if cxsh "journalctl --no-pager -o cat | grep -E 'Start request repeated too quickly|Trigger limit hit|start-limit-hit'"; then
 		fail "start or trigger limit hit"; return 1
 	fi
@@ -574,6 +574,31 @@ s_instance() {
 	cx systemctl disable --now docmail@second.path docmail-retry@second.timer 2>&1
 }
 
+s_slow_put() {
+	# in-place put of a manifest written slowly (512-byte writes at 1 KB/s for ~6 s): the drop
+	# shows a half-written *.xml all that time, and must neither trip a limit nor lose the job
+	local d=$JOBS/slow t0 runs
+	cx python3 /systest/jobs.py make "$d" SLOW 1 || return 1
+	cxsh "python3 - $d/SLOW-0000.xml <<'PY'
+import sys
+p = sys.argv[1]
+t = open(p).read().replace('<job ', '<!-- ' + 'x' * 6000 + ' -->\n<job ', 1)
+open(p, 'w').write(t)
+PY" || return 1
+	t0=$(cx date +%s)
+	sleep 1
+	cxsh "printf 'put $d/SLOW-0000.pdf SLOW-0000.pdf\n' | $SFTP -b - $DEST >/dev/null" || return 1
+	cxsh "printf 'put $d/SLOW-0000.xml SLOW-0000.xml\n' | $SFTP -B 512 -l 8 -b - $DEST >/dev/null" || fail "slow put" || return 1
+	delivered 60 "$d" || fail "the slowly written job did not arrive" || return 1
+	wait_for 30 bash -c "! nsenter -t $LEADER -a systemctl is-active -q docmail.service"
+	runs=$(invocations_since "$t0")
+	echo "runs started while the manifest was written and delivered: $runs"
+	if cxsh "journalctl --no-pager -o cat --since=@$t0 | grep -E 'Start request repeated too quickly|Trigger limit hit|start-limit-hit'"; then
+		fail "start or trigger limit hit"; return 1
+	fi
+	units_healthy || fail "a unit failed"
+}
+
 scenario "install the .deb with apt (enables nothing; users, spool modes)" s_install
 [ $FAILED -eq 0 ] || die "installation failed"
 scenario "setup: postfix relay, docmail over SMTP, chrooted SFTP account, enable --now docmail.path" s_setup
@@ -583,6 +608,7 @@ scenario "systemd-analyze security docmail.service <= 1.5" s_security
 scenario "lintian: no errors, no warnings" s_lintian
 scenario "SFTP upload with temporary names + rename: mail, attachment, journal" s_upload rename UP
 scenario "SFTP upload with plain in-place put: mail, attachment, journal" s_upload put PUT
+scenario "in-place put of a slowly written manifest: no limit hit, delivered once" s_slow_put
 scenario "uploader cannot read sent/ failed/ nor write outside the drop" s_permissions
 scenario "uploader reads and deletes receipts" s_receipts
 scenario "the packaged upload-example.sh: upload, then fetch and delete receipts" s_example_script
