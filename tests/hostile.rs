@@ -726,6 +726,19 @@ fn crlf_in_attachment_name_is_refused() {
 }
 
 #[test]
+fn crlf_in_attachment_type_is_refused() {
+    let mut site = Site::new();
+    site.valid_job("OK-1");
+    site.write("t.pdf", b"%PDF t");
+    let body = "<attachment file=\"t.pdf\" type=\"application/pdf; name=&quot;a&#13;&#10;X-Injected: yes&quot;\"/>";
+    site.write("EVIL-1.xml", manifest("EVIL-1", body).as_bytes());
+    let run = site.run();
+    site.assert_failed(&run, "EVIL-1", &["attribute type", "is not a MIME type"]);
+    assert_no_injection(&site, "x-injected", &["X-Injected"]);
+    site.finish(&run, "OK-1");
+}
+
+#[test]
 fn crlf_in_a_var_used_in_the_subject_template_is_refused() {
     let mut site = Site::new();
     site.valid_job("OK-1");

@@ -1,5 +1,5 @@
 //! The whole path from an uploader's values to the bytes of the message: a manifest whose subject,
-//! display names, variables and attachment names are arbitrary strings (written into the XML as
+//! display names, variables, attachment names and types are arbitrary strings (written into the XML as
 //! character references, so CR, LF and every other character reach the parser) is parsed by
 //! `manifest::parse` and, when accepted, rendered by `compose::Composer` with the example templates
 //! (the subject template uses a variable). Whatever the values, the message must never carry a header
@@ -163,6 +163,7 @@ fuzz_target!(|data: &[u8]| {
     let to_addr = next()
         .filter(|_| flags & 4 != 0)
         .unwrap_or("jane@example.net");
+    let att_type = next().filter(|_| flags & 8 != 0);
     let mut xml = String::from("<job xmlns=\"urn:docmail:job:1\" id=\"INV-1\">");
     let _ = write!(xml, "<to name=\"{}\">{}</to>", esc(to_name), esc(to_addr));
     if flags & 1 != 0 {
@@ -172,11 +173,11 @@ fuzz_target!(|data: &[u8]| {
     if flags & 2 != 0 {
         let _ = write!(xml, "<var name=\"invoice_number\">{}</var>", esc(number));
     }
-    let _ = write!(
-        xml,
-        "<attachment file=\"a.pdf\" name=\"{}\"/>",
-        esc(att_name)
-    );
+    let _ = write!(xml, "<attachment file=\"a.pdf\" name=\"{}\"", esc(att_name));
+    if let Some(t) = att_type {
+        let _ = write!(xml, " type=\"{}\"", esc(t));
+    }
+    xml.push_str("/>");
     xml.push_str("</job>");
     let Ok(m) = manifest::parse(xml.as_bytes(), RULES) else {
         return;
