@@ -169,7 +169,7 @@ JOBS=/root/jobs
 s_install() {
 	cxsh 'DEBIAN_FRONTEND=noninteractive apt-get install -y -q /share/docmail_N.deb 2>&1 | tail -3' || return 1
 	cxsh 'dpkg-query -W -f="\${Status} \${Version}\n" docmail' | grep -q 'install ok installed' || fail "not installed"
-	for u in docmail.path docmail-retry.timer; do
+	for u in docmail.path docmail-retry.path; do
 		st=$(cx systemctl is-enabled $u); [ "$st" = disabled ] || fail "$u is $st after install (must be disabled)" || return 1
 		cx systemctl is-active -q $u && { fail "$u active after install"; return 1; }
 	done
@@ -192,8 +192,8 @@ drwx------ docmail:docmail /var/spool/docmail/sent"
 
 s_verify() {
 	local out
-	out=$(cx systemd-analyze verify docmail.path docmail.service docmail-retry.timer \
-		docmail@check.path docmail@check.service docmail-retry@check.timer 2>&1)
+	out=$(cx systemd-analyze verify docmail.path docmail.service docmail-retry.path docmail-retry.timer \
+		docmail@check.path docmail@check.service docmail-retry@check.path docmail-retry@check.timer 2>&1)
 	echo "${out:-systemd-analyze verify: no output}"
 	if printf '%s\n' "$out" | grep -q -i -e 'unknown key' -e 'docmail'; then
 		fail "systemd-analyze verify complains about docmail units"
@@ -257,7 +257,7 @@ max = "10s"
 EOT
 	# the retry timer, shortened for the test
 	mkdir -p /etc/systemd/system/docmail-retry.timer.d
-	printf "[Timer]\nOnActiveSec=\nOnActiveSec=3s\nOnUnitInactiveSec=\nOnUnitInactiveSec=3s\nAccuracySec=1s\n" \
+	printf "[Timer]\nOnActiveSec=\nOnActiveSec=3s\nAccuracySec=1s\n" \
 		>/etc/systemd/system/docmail-retry.timer.d/systest.conf
 	systemctl daemon-reload'
 }
@@ -285,7 +285,7 @@ s_setup() {
 	setup_sftp || fail "sftp setup" || return 1
 	echo "sshd: chrooted SFTP-only account backoffice (group docmail-upload, key login) from the packaged example"
 	cx systemctl enable --now docmail.path 2>&1 || return 1
-	cx systemctl is-active docmail.path docmail-retry.timer || fail "docmail.path/docmail-retry.timer not active"
+	cx systemctl is-active docmail.path docmail-retry.path || fail "docmail.path/docmail-retry.path not active"
 }
 
 # deliver: wait until every job in the given job dirs arrived; print the check summary
@@ -446,8 +446,11 @@ s_defer_retry() {
 	cx systemctl start postfix
 	local t0; t0=$(cx date +%s)
 	delivered 90 "$d" || fail "deferred jobs did not arrive after postfix came back" || return 1
-	echo "postfix started: delivered after $(( $(cx date +%s) - t0 ))s; the retry timer fired $(cxsh "journalctl -u docmail-retry.timer --no-pager -o cat | wc -l") time(s) in all"
-	wait_for 30 bash -c "[ -z \"\$(nsenter -t $LEADER -a ls -A /var/spool/docmail/deferred)\" ]" || fail "deferred/ not empty"
+	echo "postfix started: delivered after $(( $(cx date +%s) - t0 ))s; docmail-retry.path armed the timer $(cxsh "journalctl -u docmail-retry.timer --no-pager -o cat | grep -c '^Started'") time(s)"
+	wait_for 30 bash -c "[ -z \"\$(nsenter -t $LEADER -a ls -A /var/spool/docmail/deferred)\" ]" || fail "deferred/ not empty" || return 1
+	# idle again: nothing armed, nothing runs
+	wait_for 30 bash -c "! nsenter -t $LEADER -a systemctl is-active -q docmail-retry.timer" || fail "docmail-retry.timer still armed with nothing deferred" || return 1
+	echo "nothing deferred: docmail-retry.path $(cx systemctl show -p SubState --value docmail-retry.path), docmail-retry.timer $(cx systemctl is-active docmail-retry.timer)"
 }
 
 s_check() {
@@ -522,7 +525,7 @@ s_remove_purge() {
 	wait_for 30 bash -c "! nsenter -t $LEADER -a systemctl is-active -q docmail.service"
 	cxsh 'DEBIAN_FRONTEND=noninteractive apt-get remove -y -q docmail 2>&1 | tail -1' || return 1
 	local u st
-	for u in docmail.path docmail-retry.timer docmail.service; do
+	for u in docmail.path docmail-retry.path docmail-retry.timer docmail.service; do
 		st=$(cx systemctl is-active $u); echo "after remove: $u $st"
 		[ "$st" != active ] || fail "$u still active after remove" || return 1
 	done
@@ -564,14 +567,14 @@ s_instance() {
 			/usr/lib/tmpfiles.d/docmail.conf >/etc/tmpfiles.d/docmail-second.conf
 		systemd-tmpfiles --create docmail-second.conf
 		systemctl enable --now docmail@second.path 2>&1' || return 1
-	cx systemctl is-active docmail@second.path docmail-retry@second.timer || fail "instance units not active" || return 1
+	cx systemctl is-active docmail@second.path docmail-retry@second.path || fail "instance units not active" || return 1
 	cxsh "REMOTE_DIR=/second/incoming python3 /systest/jobs.py batch $d rename >$d/batch && $SFTP -b $d/batch $DEST >/dev/null" \
 		|| fail "upload into /second/incoming" || return 1
 	delivered 60 "$d" || fail "jobs of the second drop did not arrive" || return 1
 	local n; n=$(cxsh "journalctl -u docmail@second.service -o cat --no-pager | grep -c 'status=sent'")
 	echo "journalctl -u docmail@second.service: $n sent lines"
 	[ "$n" = 2 ] || fail "want 2 sent lines from docmail@second.service" || return 1
-	cx systemctl disable --now docmail@second.path docmail-retry@second.timer 2>&1
+	cx systemctl disable --now docmail@second.path docmail-retry@second.path 2>&1
 }
 
 s_slow_put() {
