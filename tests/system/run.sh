@@ -93,6 +93,8 @@ command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
 command -v lintian >/dev/null || need+=(lintian)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v nsenter >/dev/null || need+=(util-linux)
+command -v python3 >/dev/null || need+=(python3)
+command -v pgrep >/dev/null || need+=(procps)
 command -v xz >/dev/null || need+=(xz-utils)
 if [ ${#need[@]} -gt 0 ]; then
 	log "installing on the host: ${need[*]}"
@@ -377,7 +379,7 @@ s_trickle() {
 	cx python3 /systest/jobs.py check "$MAILDIR" "$d" | python3 -c '
 import json,sys; d=json.load(sys.stdin)
 print("latency from arrival (just before the manifest is renamed into the drop) to delivery (the message file in the Maildir): median %.3fs, p99 %.3fs, max %.3fs" % (d["latency_median"], d["latency_p99"], d["latency_max"]))'
-	if cxsh "journalctl --no-pager -o cat | grep -E 'Start request repeated too quickly|Trigger limit hit|start-limit-hit'"; then
+	if cxsh "journalctl --no-pager -o cat | grep -E 'Start request repeated too quickly|Trigger limit hit|start-limit-hit|docmail.*Failed with result'"; then
 		fail "start or trigger limit hit"; return 1
 	fi
 	units_healthy || fail "a unit failed"
@@ -596,7 +598,7 @@ PY" || return 1
 	wait_for 30 bash -c "! nsenter -t $LEADER -a systemctl is-active -q docmail.service"
 	runs=$(invocations_since "$t0")
 	echo "runs started while the manifest was written and delivered: $runs"
-	if cxsh "journalctl --no-pager -o cat --since=@$t0 | grep -E 'Start request repeated too quickly|Trigger limit hit|start-limit-hit'"; then
+	if cxsh "journalctl --no-pager -o cat --since=@$t0 | grep -E 'Start request repeated too quickly|Trigger limit hit|start-limit-hit|docmail.*Failed with result'"; then
 		fail "start or trigger limit hit"; return 1
 	fi
 	units_healthy || fail "a unit failed"
