@@ -25,7 +25,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
     let mut spool = Spool::open(&config.spool).context(Sysexit::Config)?;
     let receipts = config.archive.receipts.then(|| spool.dir(Place::Receipts));
     let reporter = Reporter::new(receipts);
-    if !spool.try_lock().context(Sysexit::IoErr)? {
+    if !lock(&mut spool, &reporter)? {
         reporter.info("another docmail run holds the spool lock; it delivers these jobs");
         return Ok(());
     }
@@ -46,6 +46,32 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
     let result = run.deliver_all(&watcher);
     run.reporter.stopping();
     result
+}
+
+/// Takes the spool lock. Under systemd a run started while another holds it (say an operator's
+/// `docmail run`) waits a while: exiting at once would have the path unit start it again at once,
+/// towards the start limit. From a shell it leaves the work to the run that holds the lock.
+fn lock(spool: &mut Spool, reporter: &Reporter) -> anyhow::Result<bool> {
+    let patience = if std::env::var_os("INVOCATION_ID").is_some() {
+        Duration::from_secs(60)
+    } else {
+        Duration::ZERO
+    };
+    let deadline = Instant::now() + patience;
+    let mut waiting = false;
+    loop {
+        if spool.try_lock().context(Sysexit::IoErr)? {
+            return Ok(true);
+        }
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+        if !waiting {
+            reporter.info("waiting for the spool lock held by another docmail run");
+            waiting = true;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 struct Run<'a> {

@@ -28,8 +28,10 @@ impl Smtp {
                     .max_size(1)
                     .idle_timeout(Duration::from_secs(30)),
             );
-        if let Some(password) = config.smtp_password()? {
-            let user = t.user.clone().unwrap_or_default();
+        // Log in only when a user is configured: the unit always supplies a credential (blank when
+        // /etc/docmail/smtp-password does not exist), and a relay without AUTH must not be asked for it.
+        let password = config.smtp_password()?.filter(|p| !p.is_empty());
+        if let (Some(user), Some(password)) = (t.user.clone(), password) {
             builder = builder.credentials(Credentials::new(user, password));
         }
         Ok(Smtp {
