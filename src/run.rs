@@ -5,6 +5,8 @@
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context;
@@ -32,6 +34,12 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
     spool.recover().context(Sysexit::IoErr)?;
     let transport = deliver::open(config).context(Sysexit::Config)?;
     let watcher = Watcher::new(&spool.dir(Place::Incoming)).context(Sysexit::IoErr)?;
+    // SIGTERM (systemctl stop, an upgrade's restart) and SIGINT end the run after the job in hand,
+    // instead of in the middle of it; the next run delivers what is left.
+    let terminate = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        signal_hook::flag::register(signal, Arc::clone(&terminate)).context(Sysexit::IoErr)?;
+    }
     reporter.ready();
 
     let mut run = Run {
@@ -42,6 +50,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
         reporter,
         unavailable: None,
         deadline: Instant::now() + config.limits.max_run_time.0,
+        terminate,
     };
     let result = run.deliver_all(&watcher);
     run.reporter.stopping();
@@ -86,6 +95,8 @@ struct Run<'a> {
     /// `limits.max_run_time` after the start: no job is claimed after it, so that a slow peer never
     /// holds a run for longer than that and one job.
     deadline: Instant,
+    /// Set by SIGTERM or SIGINT.
+    terminate: Arc<AtomicBool>,
 }
 
 /// A job in a job directory, ready to deliver.
@@ -115,6 +126,11 @@ impl Run<'_> {
                 format!("; waiting for {} incomplete upload(s)", waiting.len())
             };
             self.reporter.status(&note);
+            if self.terminate.load(Ordering::Relaxed) {
+                self.reporter
+                    .info("stopping on request; what is left is delivered by the next run");
+                break;
+            }
             if self.out_of_time() {
                 self.reporter.warn(&format!(
                     "stopping after limits.max_run_time ({}); what is left is delivered by the next run",
@@ -498,8 +514,9 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// Whether to stop taking new work: `limits.max_run_time` has passed, or a stop was requested.
     fn out_of_time(&self) -> bool {
-        Instant::now() >= self.deadline
+        Instant::now() >= self.deadline || self.terminate.load(Ordering::Relaxed)
     }
 
     /// Loads a job directory in `active/` again (for a retry) and delivers it.
