@@ -70,10 +70,7 @@ pub fn examine(
     let shown = manifest_file.to_string_lossy();
     let fallback_name = spool::name_from_file(manifest_file);
     let settle = config.intake.settle.0;
-    let (bytes, meta) = match read_upload(
-        &incoming.join(manifest_file),
-        config.limits.max_manifest_size.0,
-    ) {
+    let (bytes, meta) = match read_upload(&incoming.join(manifest_file), Limit::manifest(config)) {
         Ok(r) => r,
         Err(Problem::Missing) => return Verdict::Gone,
         Err(Problem::Bad(why)) => {
@@ -135,14 +132,13 @@ pub fn examine(
     for spec in &manifest.attachments {
         let path = incoming.join(&spec.file);
         let doc = format!("document {}", spec.file);
-        let checked =
-            read_upload(&path, config.limits.max_attachment_size.0).and_then(|(bytes, meta)| {
-                latest = latest.max(meta.modified().unwrap_or(now));
-                verify(&bytes, spec).map(|()| Document {
-                    bytes,
-                    ino: meta.ino(),
-                })
-            });
+        let checked = read_upload(&path, Limit::attachment(config)).and_then(|(bytes, meta)| {
+            latest = latest.max(meta.modified().unwrap_or(now));
+            verify(&bytes, spec).map(|()| Document {
+                bytes,
+                ino: meta.ino(),
+            })
+        });
         match checked {
             Ok(d) => documents.push(d),
             Err(Problem::Bad(why)) => return fail(format!("{doc} {why}")),
@@ -200,7 +196,7 @@ pub fn verify(bytes: &[u8], spec: &manifest::AttachmentSpec) -> Result<(), Probl
 /// Reads an uploaded file whole, refusing anything but a regular file with one link, and never more
 /// than `limit` bytes. The type is checked before opening (so a device is never opened) and again on
 /// the descriptor (so a swap in between is noticed).
-pub fn read_upload(path: &Path, limit: u64) -> Result<(Vec<u8>, Metadata), Problem> {
+pub fn read_upload(path: &Path, limit: Limit) -> Result<(Vec<u8>, Metadata), Problem> {
     let before = match fs::symlink_metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(Problem::Missing),
@@ -221,9 +217,9 @@ pub fn read_upload(path: &Path, limit: u64) -> Result<(Vec<u8>, Metadata), Probl
     if meta.ino() != before.ino() || meta.dev() != before.dev() {
         return Err(Problem::Incomplete("was replaced while being read".into()));
     }
-    let bytes =
-        read_at_most(file, limit).map_err(|e| Problem::Bad(format!("cannot be read: {e}")))?;
-    if bytes.len() as u64 > limit {
+    let bytes = read_at_most(file, limit.bytes)
+        .map_err(|e| Problem::Bad(format!("cannot be read: {e}")))?;
+    if bytes.len() as u64 > limit.bytes {
         return Err(too_big(limit));
     }
     Ok((bytes, meta))
@@ -250,13 +246,37 @@ pub fn verify_claimed(path: &Path, ino: u64) -> Result<(), Problem> {
     }
 }
 
-fn too_big(limit: u64) -> Problem {
+/// A size limit and the configuration key that sets it, so that a refusal can name it.
+#[derive(Debug, Clone, Copy)]
+pub struct Limit {
+    pub bytes: u64,
+    pub key: &'static str,
+}
+
+impl Limit {
+    pub fn manifest(config: &Config) -> Limit {
+        Limit {
+            bytes: config.limits.max_manifest_size.0,
+            key: "limits.max_manifest_size",
+        }
+    }
+
+    pub fn attachment(config: &Config) -> Limit {
+        Limit {
+            bytes: config.limits.max_attachment_size.0,
+            key: "limits.max_attachment_size",
+        }
+    }
+}
+
+fn too_big(limit: Limit) -> Problem {
     Problem::Bad(format!(
-        "is larger than the limit of {limit} bytes (limits.max_attachment_size / limits.max_manifest_size)"
+        "is larger than the limit of {} bytes ({})",
+        limit.bytes, limit.key
     ))
 }
 
-fn check_kind(meta: &Metadata, limit: u64) -> Result<(), Problem> {
+fn check_kind(meta: &Metadata, limit: Limit) -> Result<(), Problem> {
     let t = meta.file_type();
     let kind = if t.is_symlink() {
         "a symbolic link"
@@ -282,7 +302,7 @@ fn check_kind(meta: &Metadata, limit: u64) -> Result<(), Problem> {
             meta.nlink()
         )));
     }
-    if meta.len() > limit {
+    if meta.len() > limit.bytes {
         return Err(too_big(limit));
     }
     Ok(())
@@ -460,7 +480,13 @@ mod tests {
         let mut outcomes = std::collections::BTreeMap::new();
         let started = Instant::now();
         while started.elapsed() < Duration::from_millis(1500) {
-            let result = read_upload(&r.target, 1 << 20);
+            let result = read_upload(
+                &r.target,
+                Limit {
+                    bytes: 1 << 20,
+                    key: "limits.max_attachment_size",
+                },
+            );
             if let Ok((bytes, meta)) = &result {
                 assert_eq!(
                     bytes.as_slice(),
@@ -504,7 +530,13 @@ mod tests {
         let started = Instant::now();
         let mut n = 0;
         while started.elapsed() < Duration::from_millis(2500) {
-            let result = read_upload(&r.target, 1 << 20);
+            let result = read_upload(
+                &r.target,
+                Limit {
+                    bytes: 1 << 20,
+                    key: "limits.max_attachment_size",
+                },
+            );
             count(&mut outcomes, &result);
             let Ok((bytes, meta)) = result else { continue };
             if bytes != GOOD {

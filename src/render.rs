@@ -10,7 +10,7 @@ use sha2::Digest;
 use crate::compose::Composer;
 use crate::config::Config;
 use crate::error::Sysexit;
-use crate::intake::{self, Problem};
+use crate::intake::{self, Limit, Problem};
 use crate::manifest::{self, Rules};
 
 pub fn render(config: &Config, manifest_path: &Path, output: Option<&Path>) -> anyhow::Result<()> {
@@ -19,7 +19,7 @@ pub fn render(config: &Config, manifest_path: &Path, output: Option<&Path>) -> a
         Problem::Bad(why) | Problem::Incomplete(why) => anyhow::anyhow!("{what} {why}"),
         Problem::Missing => anyhow::anyhow!("{what} does not exist"),
     };
-    let (bytes, _) = intake::read_upload(manifest_path, config.limits.max_manifest_size.0)
+    let (bytes, _) = intake::read_upload(manifest_path, Limit::manifest(config))
         .map_err(|p| describe(format!("manifest {shown}"), p))
         .context(Sysexit::DataErr)?;
     let rules = Rules {
@@ -33,10 +33,9 @@ pub fn render(config: &Config, manifest_path: &Path, output: Option<&Path>) -> a
     let mut documents = Vec::new();
     for spec in &manifest.attachments {
         let what = format!("document {}", dir.join(&spec.file).display());
-        let (doc, _) =
-            intake::read_upload(&dir.join(&spec.file), config.limits.max_attachment_size.0)
-                .map_err(|p| describe(what.clone(), p))
-                .context(Sysexit::DataErr)?;
+        let (doc, _) = intake::read_upload(&dir.join(&spec.file), Limit::attachment(config))
+            .map_err(|p| describe(what.clone(), p))
+            .context(Sysexit::DataErr)?;
         intake::verify(&doc, spec)
             .map_err(|p| describe(what, p))
             .context(Sysexit::DataErr)?;

@@ -16,7 +16,7 @@ use crate::compose::Composer;
 use crate::config::Config;
 use crate::deliver::{self, Failure, Transport};
 use crate::error::Sysexit;
-use crate::intake::{self, Upload, Verdict};
+use crate::intake::{self, Limit, Upload, Verdict};
 use crate::manifest::{self, Manifest, Rules};
 use crate::report::{Outcome, Reporter};
 use crate::spool::{self, Place, Spool, State};
@@ -618,11 +618,8 @@ fn load(dir: &Path, config: &Config) -> Result<Loaded, String> {
         intake::Problem::Bad(why) | intake::Problem::Incomplete(why) => format!("{what} {why}"),
         intake::Problem::Missing => format!("{what} is missing from the job directory"),
     };
-    let (bytes, _) = intake::read_upload(
-        &dir.join(spool::MANIFEST),
-        config.limits.max_manifest_size.0,
-    )
-    .map_err(|p| problem("manifest", p))?;
+    let (bytes, _) = intake::read_upload(&dir.join(spool::MANIFEST), Limit::manifest(config))
+        .map_err(|p| problem("manifest", p))?;
     let rules = Rules {
         max_recipients: config.limits.max_recipients,
         max_attachments: config.limits.max_attachments,
@@ -634,7 +631,7 @@ fn load(dir: &Path, config: &Config) -> Result<Loaded, String> {
         let what = format!("document {}", spec.file);
         let (doc, _) = intake::read_upload(
             &dir.join(spool::DOCUMENTS).join(&spec.file),
-            config.limits.max_attachment_size.0,
+            Limit::attachment(config),
         )
         .map_err(|p| problem(&what, p))?;
         intake::verify(&doc, spec).map_err(|p| problem(&what, p))?;

@@ -281,7 +281,7 @@ fn document_over_the_size_limit_is_not_read() {
         manifest("EVIL-1", &attachment("big.pdf", None)).as_bytes(),
     );
     let run = site.run();
-    site.assert_failed(
+    let reason = site.assert_failed(
         &run,
         "EVIL-1",
         &[
@@ -289,6 +289,10 @@ fn document_over_the_size_limit_is_not_read() {
             "larger than the limit of 1048576 bytes",
             "max_attachment_size",
         ],
+    );
+    assert!(
+        !reason.contains("max_manifest_size"),
+        "names only the limit that applies: {reason}"
     );
     let rss = run.max_rss_kib.expect("/usr/bin/time reports the peak RSS");
     assert!(rss < SMALL_RSS_KIB, "peak RSS {rss} KiB");
@@ -350,6 +354,10 @@ fn manifest_of_100_megabytes_is_refused_unread() {
         ],
     );
     assert!(reason.contains("max_manifest_size"), "{reason}");
+    assert!(
+        !reason.contains("max_attachment_size"),
+        "names only the limit that applies: {reason}"
+    );
     let rss = run.max_rss_kib.expect("/usr/bin/time reports the peak RSS");
     assert!(rss < SMALL_RSS_KIB, "peak RSS {rss} KiB");
     assert!(site.messages_of("HUGE-1").is_empty());
