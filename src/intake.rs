@@ -3,6 +3,7 @@
 //! uploaded byte is hostile: files are opened without following symlinks or blocking on FIFOs, checked
 //! to be regular, single-linked files on the opened descriptor, and read no further than the limits.
 
+use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::{self, File, Metadata};
 use std::io::{self, Read};
@@ -60,12 +61,16 @@ pub enum Problem {
     Missing,
 }
 
-/// Examines one manifest in the drop and everything it names.
+/// Examines one manifest in the drop and everything it names. `taken` maps the documents this run
+/// has claimed to their jobs and the time of the claim: a manifest that was already there then and
+/// names one of them fails at once instead of waiting for a document that will not come back. (A
+/// manifest uploaded later may reuse the name for a new document of its own, and waits for it.)
 pub fn examine(
     incoming: &Path,
     manifest_file: &OsStr,
     config: &Config,
     now: SystemTime,
+    taken: &HashMap<String, (String, SystemTime)>,
 ) -> Verdict {
     let shown = manifest_file.to_string_lossy();
     let fallback_name = spool::name_from_file(manifest_file);
@@ -143,7 +148,14 @@ pub fn examine(
             Ok(d) => documents.push(d),
             Err(Problem::Bad(why)) => return fail(format!("{doc} {why}")),
             Err(Problem::Incomplete(why)) => waiting.push(format!("{doc} {why}")),
-            Err(Problem::Missing) => waiting.push(format!("{doc} is missing from the drop")),
+            Err(Problem::Missing) => match taken.get(&spec.file) {
+                Some((job, claimed)) if modified <= *claimed => {
+                    return fail(format!(
+                        "{doc} was claimed by job {job}, which names it too; a document belongs to one job"
+                    ));
+                }
+                _ => waiting.push(format!("{doc} is missing from the drop")),
+            },
         }
     }
     if !waiting.is_empty() {

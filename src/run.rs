@@ -2,6 +2,7 @@
 //! watching the drop with inotify (so a trickle of uploads is served by one run, not one run per
 //! upload), then exits. This module ties the stages together; each decision is made in its stage.
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -49,6 +50,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
         composer: Composer::new(config),
         reporter,
         unavailable: None,
+        taken: HashMap::new(),
         deadline: Instant::now() + config.limits.max_run_time.0,
         terminate,
     };
@@ -92,6 +94,8 @@ struct Run<'a> {
     /// Set when the next hop could not be reached: until `retry.first` has passed, jobs are deferred
     /// without trying again, so a dead relay costs one timeout per run instead of one per job.
     unavailable: Option<(Instant, String)>,
+    /// The documents this run has claimed, and their jobs (see [`intake::examine`]).
+    taken: HashMap<String, (String, SystemTime)>,
     /// `limits.max_run_time` after the start: no job is claimed after it, so that a slow peer never
     /// holds a run for longer than that and one job.
     deadline: Instant,
@@ -181,7 +185,13 @@ impl Run<'_> {
             if self.out_of_time() {
                 break;
             }
-            match intake::examine(&incoming, &name, self.config, SystemTime::now()) {
+            match intake::examine(
+                &incoming,
+                &name,
+                self.config,
+                SystemTime::now(),
+                &self.taken,
+            ) {
                 Verdict::Ready(upload) => {
                     worked = true;
                     self.take(*upload)?;
@@ -231,6 +241,10 @@ impl Run<'_> {
                 &[],
             )
             .context("claiming a job")?;
+        for file in &files {
+            self.taken
+                .insert(file.to_string(), (manifest.id.clone(), SystemTime::now()));
+        }
         // The bytes were checked in the drop; make sure the files that moved are the ones that were read,
         // and (only settled now that they are out of the uploader's reach) that they have no other link.
         for (file, doc) in files.iter().zip(&documents) {

@@ -588,7 +588,8 @@ fn one_document_named_by_two_manifests_goes_out_once() {
         manifest("SHARE-B", &attachment("shared.pdf", Some(&doc))).as_bytes(),
     );
     let run = site.run();
-    // Whichever manifest intake looks at first takes the document; the other finds it gone.
+    // Whichever manifest intake looks at first takes the document; the other fails at once, naming
+    // the job that took it, instead of waiting for a document that will not come back.
     let (first, second) = if site.names_in("sent").contains(&"SHARE-A".to_string()) {
         ("SHARE-A", "SHARE-B")
     } else {
@@ -598,8 +599,12 @@ fn one_document_named_by_two_manifests_goes_out_once() {
     site.assert_failed(
         &run,
         second,
-        &["document shared.pdf", "is missing from the drop"],
+        &[
+            "document shared.pdf",
+            &format!("was claimed by job {first}"),
+        ],
     );
+
     assert!(site.messages_of(second).is_empty());
     // The document went out once, with the first job.
     let with_doc = site
