@@ -36,10 +36,12 @@ pub struct Document {
 
 pub enum Verdict {
     Ready(Box<Upload>),
-    /// Not complete yet; look again at `until` at the latest, then fail it.
+    /// Not complete yet; look again at `until` at the latest, then fail it. `files` are the documents
+    /// the manifest names (none when it does not parse yet), for [`Fingerprint`].
     Wait {
         until: SystemTime,
         why: String,
+        files: Vec<String>,
     },
     /// Fail now. `name` names the job in `failed/`; `documents` are the files to take along.
     Fail {
@@ -98,6 +100,7 @@ pub fn examine(
             return Verdict::Wait {
                 until: modified + settle,
                 why: format!("manifest {shown}: {why}"),
+                files: vec![],
             };
         }
         Err(e) => {
@@ -164,6 +167,7 @@ pub fn examine(
             return Verdict::Wait {
                 until: latest + settle,
                 why,
+                files,
             };
         }
         return fail(format!(
@@ -177,6 +181,26 @@ pub fn examine(
         manifest_sha256,
         documents,
     }))
+}
+
+/// What an upload looks like from outside (inode, size, modification time of the manifest and each
+/// document it names), to tell whether a waiting upload has changed since it was examined. Looking
+/// again at an unchanged one would only read and hash the same bytes: under a trickle of uploads that
+/// is on every pass, and a large waiting document must not slow down the complete jobs.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Fingerprint(Vec<Option<(u64, u64, i64, i64)>>);
+
+impl Fingerprint {
+    pub fn of(incoming: &Path, manifest_file: &OsStr, files: &[String]) -> Fingerprint {
+        let look = |path: std::path::PathBuf| {
+            fs::symlink_metadata(path)
+                .ok()
+                .map(|m| (m.ino(), m.len(), m.mtime(), m.mtime_nsec()))
+        };
+        let mut seen = vec![look(incoming.join(manifest_file))];
+        seen.extend(files.iter().map(|f| look(incoming.join(f))));
+        Fingerprint(seen)
+    }
 }
 
 /// Checks a document's bytes against what the manifest declares.

@@ -17,7 +17,7 @@ use crate::compose::Composer;
 use crate::config::Config;
 use crate::deliver::{self, Failure, Transport};
 use crate::error::Sysexit;
-use crate::intake::{self, Limit, Upload, Verdict};
+use crate::intake::{self, Fingerprint, Limit, Upload, Verdict};
 use crate::manifest::{self, Manifest, Rules};
 use crate::report::{Outcome, Reporter};
 use crate::spool::{self, Place, Spool, State};
@@ -51,6 +51,7 @@ pub fn run(config: &Config) -> anyhow::Result<()> {
         reporter,
         unavailable: None,
         taken: HashMap::new(),
+        waiting: HashMap::new(),
         deadline: Instant::now() + config.limits.max_run_time.0,
         terminate,
     };
@@ -96,12 +97,17 @@ struct Run<'a> {
     unavailable: Option<(Instant, String)>,
     /// The documents this run has claimed, and their jobs (see [`intake::examine`]).
     taken: HashMap<String, (String, SystemTime)>,
+    /// Uploads found incomplete, as they looked then: unchanged, they are not read again.
+    waiting: HashMap<OsString, WaitingUpload>,
     /// `limits.max_run_time` after the start: no job is claimed after it, so that a slow peer never
     /// holds a run for longer than that and one job.
     deadline: Instant,
     /// Set by SIGTERM or SIGINT.
     terminate: Arc<AtomicBool>,
 }
+
+/// A waiting upload: how it looked, when it fails, why it waits, the documents it names.
+type WaitingUpload = (Fingerprint, SystemTime, String, Vec<String>);
 
 /// A job in a job directory, ready to deliver.
 struct Claimed {
@@ -181,9 +187,19 @@ impl Run<'_> {
         manifests.sort();
         let mut worked = false;
         let mut waiting = Vec::new();
+        let mut still_waiting = HashMap::new();
         for (_, name) in manifests {
             if self.out_of_time() {
                 break;
+            }
+            if let Some((fingerprint, until, why, files)) = self.waiting.remove(&name) {
+                if SystemTime::now() < until
+                    && fingerprint == Fingerprint::of(&incoming, &name, &files)
+                {
+                    waiting.push((until, why.clone()));
+                    still_waiting.insert(name, (fingerprint, until, why, files));
+                    continue;
+                }
             }
             match intake::examine(
                 &incoming,
@@ -205,11 +221,16 @@ impl Run<'_> {
                     let docs: Vec<&str> = documents.iter().map(String::as_str).collect();
                     self.fail_upload(&name, &docs, &job, &reason)?;
                 }
-                Verdict::Wait { until, why } => waiting.push((until, why)),
+                Verdict::Wait { until, why, files } => {
+                    waiting.push((until, why.clone()));
+                    let fingerprint = Fingerprint::of(&incoming, &name, &files);
+                    still_waiting.insert(name, (fingerprint, until, why, files));
+                }
                 Verdict::Gone => {}
             }
             self.reporter.ping();
         }
+        self.waiting = still_waiting;
         worked |= self.retry_due()?;
         Ok((worked, waiting))
     }
