@@ -3,30 +3,16 @@
 //! `main` parses the command line and dispatches to one entry point per command; every error bubbles up
 //! with its context and becomes one message on stderr and a sysexits.h exit code.
 
-mod check;
-mod cli;
-mod compose;
-mod config;
-mod deliver;
-mod error;
-mod intake;
-mod manifest;
-mod queue;
-mod render;
-mod report;
-mod run;
-mod spool;
-mod submit;
-
 use std::io::Write;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser};
 
-use crate::cli::{Cli, Command};
-use crate::config::Config;
-use crate::error::Sysexit;
+use docmail::cli::{Cli, Command};
+use docmail::config::Config;
+use docmail::error::{self, Sysexit};
+use docmail::{check, queue, render, run, submit};
 
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {

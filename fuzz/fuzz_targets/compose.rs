@@ -6,16 +6,8 @@
 //! the templates and docmail did not put there: every header line of the message and of each MIME part
 //! is ASCII, ends in CRLF and is a known header or a folded continuation.
 #![no_main]
-#![allow(dead_code)]
 
-#[path = "../../src/compose.rs"]
-mod compose;
-#[path = "../../src/config.rs"]
-mod config;
-#[path = "../../src/manifest.rs"]
-mod manifest;
-#[path = "../../src/spool.rs"]
-mod spool;
+use docmail::{compose, config, manifest};
 
 use std::fmt::Write as _;
 use std::sync::OnceLock;

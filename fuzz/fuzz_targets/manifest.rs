@@ -1,12 +1,8 @@
 //! The manifest parser (`manifest::parse`) on arbitrary bytes: it must never panic, overflow the stack
 //! or take long, and whatever it accepts must obey the rules the rest of docmail relies on.
 #![no_main]
-#![allow(dead_code)]
 
-#[path = "../../src/config.rs"]
-mod config;
-#[path = "../../src/manifest.rs"]
-mod manifest;
+use docmail::manifest;
 
 use libfuzzer_sys::fuzz_target;
 
