@@ -90,10 +90,7 @@ pub fn examine(
         Err(Problem::Incomplete(why)) => unreachable!("manifests are read whole: {why}"),
     };
     let modified = meta.modified().unwrap_or(now);
-    let rules = Rules {
-        max_recipients: config.limits.max_recipients,
-        max_attachments: config.limits.max_attachments,
-    };
+    let rules = Rules::of(config);
     let manifest = match manifest::parse(&bytes, rules) {
         Ok(m) => m,
         Err(ManifestError::Malformed(why)) if modified + settle > now => {
@@ -201,6 +198,41 @@ impl Fingerprint {
         seen.extend(files.iter().map(|f| look(incoming.join(f))));
         Fingerprint(seen)
     }
+}
+
+/// A job read whole from files that are complete by now: the manifest, its digest and the documents.
+pub struct Loaded {
+    pub manifest: Manifest,
+    pub manifest_sha256: [u8; 32],
+    pub documents: Vec<Vec<u8>>,
+}
+
+/// Reads a job back from a job directory (or, for `docmail render`, a manifest and the documents
+/// beside it), checked as strictly as in the drop. The error is the reason, ready for a person.
+pub fn load(manifest_path: &Path, documents: &Path, config: &Config) -> Result<Loaded, String> {
+    let problem = |what: String, p: Problem| match p {
+        Problem::Bad(why) | Problem::Incomplete(why) => format!("{what} {why}"),
+        Problem::Missing => format!("{what} does not exist"),
+    };
+    let shown = manifest_path.display();
+    let (bytes, _) = read_upload(manifest_path, Limit::manifest(config))
+        .map_err(|p| problem(format!("manifest {shown}"), p))?;
+    let manifest =
+        manifest::parse(&bytes, Rules::of(config)).map_err(|e| format!("manifest {shown}: {e}"))?;
+    let mut docs = Vec::with_capacity(manifest.attachments.len());
+    for spec in &manifest.attachments {
+        let path = documents.join(&spec.file);
+        let what = format!("document {}", path.display());
+        let (doc, _) =
+            read_upload(&path, Limit::attachment(config)).map_err(|p| problem(what.clone(), p))?;
+        verify(&doc, spec).map_err(|p| problem(what, p))?;
+        docs.push(doc);
+    }
+    Ok(Loaded {
+        manifest_sha256: Sha256::digest(&bytes).into(),
+        manifest,
+        documents: docs,
+    })
 }
 
 /// Checks a document's bytes against what the manifest declares.

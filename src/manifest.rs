@@ -45,6 +45,15 @@ pub struct Rules {
     pub max_attachments: usize,
 }
 
+impl Rules {
+    pub fn of(config: &crate::config::Config) -> Rules {
+        Rules {
+            max_recipients: config.limits.max_recipients,
+            max_attachments: config.limits.max_attachments,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ManifestError {
     /// Not well-formed XML. A manifest still being written in place looks like this too, so intake waits

@@ -17,8 +17,8 @@ use crate::compose::Composer;
 use crate::config::Config;
 use crate::deliver::{self, Failure, Transport};
 use crate::error::Sysexit;
-use crate::intake::{self, Fingerprint, Limit, Upload, Verdict};
-use crate::manifest::{self, Manifest, Rules};
+use crate::intake::{self, Fingerprint, Upload, Verdict};
+use crate::manifest::Manifest;
 use crate::report::{Outcome, Reporter};
 use crate::spool::{self, Place, Spool, State};
 
@@ -556,8 +556,17 @@ impl Run<'_> {
 
     /// Loads a job directory in `active/` again (for a retry) and delivers it.
     fn resume(&mut self, dir: PathBuf, state: State) -> anyhow::Result<()> {
-        match load(&dir, self.config) {
-            Ok((manifest, manifest_sha256, documents)) => {
+        let loaded = intake::load(
+            &dir.join(spool::MANIFEST),
+            &dir.join(spool::DOCUMENTS),
+            self.config,
+        );
+        match loaded {
+            Ok(intake::Loaded {
+                manifest,
+                manifest_sha256,
+                documents,
+            }) => {
                 if !state.force {
                     if let Some(reason) = self.already_sent(&manifest.id) {
                         return self.finish_failed(
@@ -641,38 +650,6 @@ impl Run<'_> {
             )),
         }
     }
-}
-
-/// A job read back from its directory: the manifest, its digest, the documents.
-type Loaded = (Manifest, [u8; 32], Vec<Vec<u8>>);
-
-/// Reads a job directory back: the manifest and the documents, checked as strictly as in the drop.
-fn load(dir: &Path, config: &Config) -> Result<Loaded, String> {
-    use sha2::Digest;
-    let problem = |what: &str, p: intake::Problem| match p {
-        intake::Problem::Bad(why) | intake::Problem::Incomplete(why) => format!("{what} {why}"),
-        intake::Problem::Missing => format!("{what} is missing from the job directory"),
-    };
-    let (bytes, _) = intake::read_upload(&dir.join(spool::MANIFEST), Limit::manifest(config))
-        .map_err(|p| problem("manifest", p))?;
-    let rules = Rules {
-        max_recipients: config.limits.max_recipients,
-        max_attachments: config.limits.max_attachments,
-    };
-    let manifest = manifest::parse(&bytes, rules).map_err(|e| format!("manifest: {e}"))?;
-    let sha: [u8; 32] = sha2::Sha256::digest(&bytes).into();
-    let mut documents = Vec::new();
-    for spec in &manifest.attachments {
-        let what = format!("document {}", spec.file);
-        let (doc, _) = intake::read_upload(
-            &dir.join(spool::DOCUMENTS).join(&spec.file),
-            Limit::attachment(config),
-        )
-        .map_err(|p| problem(&what, p))?;
-        intake::verify(&doc, spec).map_err(|p| problem(&what, p))?;
-        documents.push(doc);
-    }
-    Ok((manifest, sha, documents))
 }
 
 fn recipients(m: &Manifest) -> String {

@@ -83,10 +83,7 @@ pub fn submit(config: &Config, s: &Submission) -> anyhow::Result<()> {
     }
     xml.push_str("</job>\n");
     // Check the manifest before anything reaches the drop: a mistake here is the caller's to fix.
-    let rules = Rules {
-        max_recipients: config.limits.max_recipients,
-        max_attachments: config.limits.max_attachments,
-    };
+    let rules = Rules::of(config);
     manifest::parse(xml.as_bytes(), rules)
         .map_err(|e| anyhow::anyhow!("{e}"))
         .context(Sysexit::DataErr)?;
