@@ -319,7 +319,7 @@ impl Config {
         let base = file.parent().unwrap_or(Path::new("."));
         for p in [&mut config.spool, &mut config.templates.dir] {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = joined(base, p);
             }
         }
         for p in [
@@ -330,7 +330,7 @@ impl Config {
         .flatten()
         {
             if p.is_relative() {
-                *p = base.join(&*p);
+                *p = joined(base, p);
             }
         }
         let problems: Vec<String> = config.problems().iter().map(Problem::to_string).collect();
@@ -428,6 +428,30 @@ impl Config {
     }
 }
 
+/// `base/path` with `.` and `name/..` taken out, so that logs and reasons show `target/demo/spool`
+/// rather than `examples/../target/demo/spool`. (Lexical: a symlink in `base` followed by `..` would
+/// be resolved differently by the kernel; configuration directories are not expected to be such.)
+fn joined(base: &Path, path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in base.join(path).components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir
+                if matches!(out.components().next_back(), Some(Component::Normal(_))) =>
+            {
+                out.pop();
+            }
+            c => out.push(c),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        out
+    }
+}
+
 pub fn valid_template_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -469,6 +493,23 @@ mod tests {
         let c: Config =
             toml::from_str("from = \"a@b.example\"\n[intake]\nsettle = \"5m\"\n").unwrap();
         assert_eq!(c.intake.settle, Span(Duration::from_secs(300)));
+    }
+
+    #[test]
+    fn relative_paths_are_joined_to_the_files_directory() {
+        assert_eq!(
+            joined(Path::new("examples"), Path::new("../target/spool")),
+            PathBuf::from("target/spool")
+        );
+        assert_eq!(
+            joined(Path::new("/etc/docmail"), Path::new("./templates")),
+            PathBuf::from("/etc/docmail/templates")
+        );
+        assert_eq!(
+            joined(Path::new(""), Path::new("../x")),
+            PathBuf::from("../x")
+        );
+        assert_eq!(joined(Path::new("a"), Path::new("..")), PathBuf::from("."));
     }
 
     #[test]
