@@ -298,8 +298,9 @@ impl Run<'_> {
             .map(spool::rfc3339)
             .unwrap_or_else(|| "an earlier run".into());
         Some(format!(
-            "duplicate: job {id} was already sent at {when} (Message-ID {}); to send it again: docmail retry --force {id}",
-            state.message_id.unwrap_or_default()
+            "duplicate: job {id} was already sent at {when} (Message-ID {}); to send it again: docmail retry --force {}",
+            state.message_id.unwrap_or_default(),
+            self.spool.free_name(Place::Failed, id)
         ))
     }
 
@@ -439,8 +440,9 @@ impl Run<'_> {
         to: &str,
         reason: &str,
     ) -> anyhow::Result<()> {
+        let name = self.spool.free_name(Place::Failed, &spool::job_name(dir));
         self.spool
-            .note(dir, spool::REASON, &failure_text(id, reason))?;
+            .note(dir, spool::REASON, &failure_text(&name, reason))?;
         // Marked before the move, so that a run killed in between does not deliver it after all.
         let mut state = State::read(dir);
         state.failed = true;
@@ -463,7 +465,7 @@ impl Run<'_> {
         name: &str,
         reason: &str,
     ) -> anyhow::Result<()> {
-        let text = failure_text(name, reason);
+        let text = failure_text(&self.spool.free_name(Place::Failed, name), reason);
         let outcome = Outcome::Failed { reason };
         self.reporter.receipt_first(name, &outcome);
         let dir = self

@@ -138,6 +138,23 @@ impl Spool {
     }
 
     /// Renames `from` to `to_dir/name`, or `name.2`, `name.3`, … when taken; never replaces anything.
+    /// The name a job called `name` gets in `place`: `name`, or `name.2`, `name.3`, … when taken, as
+    /// the move will choose it (under the run lock nobody else adds names), so that a reason written
+    /// before the move can tell the operator what to type.
+    pub fn free_name(&self, place: Place, name: &str) -> String {
+        let dir = self.dir(place);
+        (1..10_000)
+            .map(|n| {
+                if n == 1 {
+                    name.to_string()
+                } else {
+                    format!("{name}.{n}")
+                }
+            })
+            .find(|candidate| dir.join(candidate).symlink_metadata().is_err())
+            .unwrap_or_else(|| name.to_string())
+    }
+
     fn rename_unique(&self, from: &Path, to_dir: &Path, name: &str) -> io::Result<PathBuf> {
         for n in 1..10_000 {
             let candidate = if n == 1 {

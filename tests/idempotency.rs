@@ -272,3 +272,28 @@ fn queue_retry_and_remove_as_the_spec_says() {
     assert!(queue_json(&site).is_empty());
     assert!(peer.messages().is_empty());
 }
+
+#[test]
+fn a_second_duplicate_is_told_the_name_it_has_in_failed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let peer = Peer::fault(&tmp.path().join("peer"), "ok");
+    let site = Site::smtp(peer.port, "10s");
+    for _ in 0..3 {
+        site.upload("IDEM-N", 900);
+        let run = site.run();
+        assert_eq!(run.code, 0, "{}", run.stderr);
+    }
+    assert_eq!(peer.messages().len(), 1, "duplicates are not mailed");
+    assert_eq!(
+        site.jobs("failed"),
+        ["IDEM-N", "IDEM-N.2"],
+        "{}",
+        site.describe()
+    );
+    // The commands in the reason name the job directory, which is not the id for the second one.
+    let reason = site.read("failed", "IDEM-N.2", "reason");
+    assert!(
+        reason.contains("retry --force IDEM-N.2") && reason.contains("docmail remove IDEM-N.2"),
+        "{reason}"
+    );
+}
