@@ -125,9 +125,7 @@ pub fn retry(config: &Config, ids: &[String], all_failed: bool, force: bool) -> 
         state.next_attempt = Some(SystemTime::now());
         state.force |= force;
         state.failed = false;
-        spool
-            .note(&dir, spool::STATE, &state.render())
-            .context(Sysexit::IoErr)?;
+        spool.write_state(&dir, &state).context(Sysexit::IoErr)?;
         let _ = std::fs::remove_file(dir.join(spool::REASON));
         let name = spool::job_name(&dir);
         let dir = if dir.parent() == Some(spool.dir(Place::Deferred).as_path()) {

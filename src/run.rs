@@ -259,7 +259,7 @@ impl Run<'_> {
                 &files,
                 Place::Active,
                 &manifest.id,
-                &[],
+                None,
             )
             .context("claiming a job")?;
         for file in &files {
@@ -328,7 +328,7 @@ impl Run<'_> {
                 job.state.message_id = Some(composed.message_id.clone());
                 job.state.sent_at = Some(SystemTime::now());
                 job.state.reply = Some(reply.clone());
-                let recorded = self.spool.note(&job.dir, spool::STATE, &job.state.render());
+                let recorded = self.spool.write_state(&job.dir, &job.state);
                 // Receipted while the job is still in active/: a run killed before the move finds
                 // it there, sent, and moves and receipts it; once it is in sent/ nobody looks at it
                 // again, so a receipt due after the move would be lost to a kill.
@@ -411,8 +411,8 @@ impl Run<'_> {
             spool::rfc3339(next),
             humantime::format_duration(give_up)
         );
-        self.spool.note(&dir, spool::REASON, &text)?;
-        self.spool.note(&dir, spool::STATE, &state.render())?;
+        self.spool.write_reason(&dir, &text)?;
+        self.spool.write_state(&dir, &state)?;
         let dir = if dir.parent() == Some(self.spool.dir(Place::Deferred).as_path()) {
             dir
         } else {
@@ -441,12 +441,11 @@ impl Run<'_> {
         reason: &str,
     ) -> anyhow::Result<()> {
         let name = self.spool.free_name(Place::Failed, &spool::job_name(dir));
-        self.spool
-            .note(dir, spool::REASON, &failure_text(&name, reason))?;
+        self.spool.write_reason(dir, &failure_text(&name, reason))?;
         // Marked before the move, so that a run killed in between does not deliver it after all.
         let mut state = State::read(dir);
         state.failed = true;
-        self.spool.note(dir, spool::STATE, &state.render())?;
+        self.spool.write_state(dir, &state)?;
         let outcome = Outcome::Failed { reason };
         self.reporter.receipt_first(id, &outcome);
         let dir = self
@@ -475,7 +474,7 @@ impl Run<'_> {
                 documents,
                 Place::Failed,
                 name,
-                &[(spool::REASON, &text)],
+                Some(&text),
             )
             .context("moving a failed upload out of the drop")?;
         self.reporter.logged(&spool::job_name(&dir), "-", outcome);
@@ -643,7 +642,10 @@ impl Run<'_> {
             &[file],
             Place::Failed,
             job,
-            &[(spool::REASON, &failure_text(job, &reason))],
+            Some(&failure_text(
+                &self.spool.free_name(Place::Failed, job),
+                &reason,
+            )),
         ) {
             Ok(dir) => self.reporter.logged(&spool::job_name(&dir), "-", outcome),
             Err(e) => self.reporter.warn(&format!(

@@ -182,8 +182,8 @@ impl Spool {
     /// Moves an upload out of the drop into a new job directory `place/name`: the documents first, the
     /// manifest last, then the directory into view. Until the manifest has moved the job is still the
     /// drop's (a killed run leaves it there and [`Spool::recover`] puts the documents back); after, it
-    /// is complete in `.new-NAME` and recovery only finishes the last rename. `notes` are small files
-    /// (`reason`, `state`) written into the job before it appears. Without a manifest (an orphaned
+    /// is complete in `.new-NAME` and recovery only finishes the last rename. A `reason` is written
+    /// into the job before it appears. Without a manifest (an orphaned
     /// document) an interrupted move is simply undone by recovery.
     pub fn adopt<D: AsRef<OsStr>>(
         &self,
@@ -191,7 +191,7 @@ impl Spool {
         documents: &[D],
         place: Place,
         name: &str,
-        notes: &[(&str, &str)],
+        reason: Option<&str>,
     ) -> io::Result<PathBuf> {
         let incoming = self.dir(Place::Incoming);
         let target = self.dir(place);
@@ -200,8 +200,8 @@ impl Spool {
             .mode(0o750)
             .recursive(true)
             .create(building.join(DOCUMENTS))?;
-        for (file, text) in notes {
-            write_note(&building.join(file), text)?;
+        if let Some(text) = reason {
+            write_note(&building.join(REASON), text, true)?;
         }
         for doc in documents {
             let doc = doc.as_ref();
@@ -257,7 +257,7 @@ impl Spool {
                                 let reason = format!(
                                     "An interrupted run had taken this document from the drop; putting it back failed ({e}) because the drop has a new file of the same name.\n"
                                 );
-                                write_note(&building.join(REASON), &reason)?;
+                                write_note(&building.join(REASON), &reason, true)?;
                                 self.rename_unique(&building, &self.dir(Place::Failed), name)?;
                                 break;
                             }
@@ -306,12 +306,16 @@ impl Spool {
         (crate::manifest::valid_id(name) && p.is_dir()).then_some(p)
     }
 
-    /// Writes a note file into a job directory (not yet visible to anyone but docmail).
-    /// An error names the file, so that a full disk is reported with where it struck.
-    pub fn note(&self, job: &Path, file: &str, text: &str) -> io::Result<()> {
-        let path = job.join(file);
-        write_note(&path, text)
-            .map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))
+    /// Writes a job's `reason`, durably: it is what an operator reads to decide what to do.
+    pub fn write_reason(&self, job: &Path, text: &str) -> io::Result<()> {
+        write_named(&job.join(REASON), text, true)
+    }
+
+    /// Writes a job's `state`. Not fsync'd: lost to a power cut, a sent job is resent with the same
+    /// Message-ID (which the contract allows) and a deferred one is retried early; skipping it saves
+    /// one fsync per delivered job.
+    pub fn write_state(&self, job: &Path, state: &State) -> io::Result<()> {
+        write_named(&job.join(STATE), &state.render(), false)
     }
 
     /// Removes a job directory for good (`docmail remove`, expired `sent/` jobs).
@@ -348,7 +352,7 @@ pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 /// Writes a small file completely and durably; it becomes visible with its job directory's rename.
-fn write_note(path: &Path, text: &str) -> io::Result<()> {
+fn write_note(path: &Path, text: &str, durable: bool) -> io::Result<()> {
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -356,13 +360,14 @@ fn write_note(path: &Path, text: &str) -> io::Result<()> {
         .mode(0o640)
         .open(path)?;
     f.write_all(text.as_bytes())?;
-    // A reason is worth an fsync; the state is not: lost to a power cut, a sent job is resent with
-    // the same Message-ID (which the contract allows) and a deferred one is retried early. Skipping it
-    // saves one fsync per delivered job.
-    if path.file_name() == Some(OsStr::new(STATE)) {
-        return Ok(());
-    }
-    f.sync_data()
+    if durable { f.sync_data() } else { Ok(()) }
+}
+
+/// [`write_note`] with an error that names the file, so that a full disk is reported with where it
+/// struck.
+fn write_named(path: &Path, text: &str, durable: bool) -> io::Result<()> {
+    write_note(path, text, durable)
+        .map_err(|e| io::Error::new(e.kind(), format!("writing {}: {e}", path.display())))
 }
 
 /// A name for a failed upload whose id is unknown: the manifest's file name, made safe.
@@ -544,7 +549,7 @@ mod tests {
                 &["a.pdf"],
                 Place::Active,
                 "J",
-                &[],
+                None,
             )
             .unwrap();
         assert_eq!(job, spool.dir(Place::Active).join("J"));
@@ -553,7 +558,7 @@ mod tests {
         // A second job of the same name does not replace the first.
         fs::write(inc.join("J.xml"), b"<job/>").unwrap();
         let second = spool
-            .adopt::<&str>(Some(OsStr::new("J.xml")), &[], Place::Active, "J", &[])
+            .adopt::<&str>(Some(OsStr::new("J.xml")), &[], Place::Active, "J", None)
             .unwrap();
         assert_eq!(second, spool.dir(Place::Active).join("J.2"));
         // An interrupted claim gives its documents back.
